@@ -1,0 +1,26 @@
+"""mlm: BERT-family masked language modelling, written to be read.
+
+Public API:
+    load_pretrained(path, device=None, dtype=None) -> (model, tokenizer)
+    save_pretrained(model, tokenizer, path)
+    fill_mask(model, tokenizer, texts, top_k=5, targets=None)
+    mask_tokens(input_ids, *, mask_token_id, vocab_size, special_ids, ...) -> (masked_input_ids, labels)
+"""
+
+from mlm.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    InputError,
+    MLMError,
+    TokenizerError,
+    UnsupportedModelError,
+)
+from mlm.hf import load_pretrained, save_pretrained
+from mlm.model import MaskedLM, ModelConfig
+from mlm.tokenizer import Tokenizer
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataError", "InputError", "MLMError", "TokenizerError",
+    "UnsupportedModelError", "MaskedLM", "ModelConfig", "Tokenizer", "load_pretrained", "save_pretrained",
+]

@@ -1,0 +1,55 @@
+"""Errors meant for people, and the one place the command-line tools turn them into a clean exit.
+
+Every problem a user can fix (a wrong path, a text with no mask, a bad flag) raises a subclass of
+`MLMError` whose message is one line: what was wrong and what to do. The CLIs print that line and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+class MLMError(Exception):
+    """Base class: a problem with the user's input, not a bug in mlm."""
+
+
+class CheckpointError(MLMError):
+    """A model folder or checkpoint is missing, incomplete, corrupt or does not match the model."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """The folder holds a model family mlm does not implement (e.g. `model_type: "gpt2"`)."""
+
+
+class TokenizerError(MLMError):
+    """No usable tokenizer files, or a tokenizer that does not fit the model."""
+
+
+class InputError(MLMError):
+    """Bad input text or arguments to the API (e.g. fill-mask text without a mask token)."""
+
+
+class DataError(MLMError):
+    """A corpus or prepared dataset that cannot be used (empty, missing, wrong vocabulary)."""
+
+
+class ConfigError(MLMError):
+    """A configuration value or command-line flag that cannot work."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit; used by the CLIs only."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a CLI entry point; user errors become one line on stderr and exit status 2."""
+    try:
+        main()
+    except MLMError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
