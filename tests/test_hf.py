@@ -1,0 +1,149 @@
+"""Loading and saving Hugging Face folders: what real checkpoints contain, and the round trip back."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import FAMILIES
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+from transformers import AutoModelForMaskedLM, BertConfig, BertForPreTraining, pipeline
+
+import mlm
+from mlm.hf import load_model
+
+
+def copy_folder(src, dst, drop=()):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*drop))
+    return dst
+
+
+def sample_ids(model, B=3, T=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, model.config.vocab_size, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_ours_to_transformers(hf_checkpoints, tmp_path, family):
+    model, tokenizer = mlm.load_pretrained(hf_checkpoints[family])
+    with torch.no_grad():  # change every weight so the round trip cannot pass by accident
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mlm.save_pretrained(model, tokenizer, tmp_path / "out")
+
+    ref, info = AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = sample_ids(model)
+    with torch.no_grad():
+        assert_close(ref.eval()(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+
+    # ... and back: our loader reads what we wrote, bit for bit.
+    again = load_model(tmp_path / "out")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    # The saved tokenizer serves transformers' own fill-mask pipeline.
+    fill = pipeline("fill-mask", model=str(tmp_path / "out"), device="cpu")
+    assert len(fill(f"the value of {fill.tokenizer.mask_token} is returned.", top_k=3)) == 3
+
+
+def test_save_over_an_existing_folder_replaces_files(hf_checkpoints, tmp_path):
+    model, tokenizer = mlm.load_pretrained(hf_checkpoints["bert"])
+    mlm.save_pretrained(model, tokenizer, tmp_path / "out")
+    with torch.no_grad():
+        model.head.bias.fill_(0.5)
+    mlm.save_pretrained(model, tokenizer, tmp_path / "out")
+    assert torch.all(load_model(tmp_path / "out").head.bias == 0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+
+
+def test_encoder_only_checkpoint_without_prefix_gets_a_new_head(hf_checkpoints, tmp_path, caplog):
+    folder = copy_folder(hf_checkpoints["bert"], tmp_path / "enc", drop=("model.safetensors",))
+    state = load_file(hf_checkpoints["bert"] / "model.safetensors")
+    encoder = {k.removeprefix("bert."): v for k, v in state.items() if k.startswith("bert.")}
+    encoder["pooler.dense.weight"] = torch.zeros(45, 45)
+    encoder["pooler.dense.bias"] = torch.zeros(45)
+    save_file(encoder, folder / "model.safetensors")
+    with caplog.at_level("INFO", logger="mlm"):
+        model = load_model(folder)
+    assert "newly initialised" in caplog.text and "pooler" in caplog.text
+    reference = load_model(hf_checkpoints["bert"])
+    ids = sample_ids(model)
+    with torch.no_grad():
+        assert_close(model.encode(ids), reference.encode(ids))
+
+
+def test_pretraining_checkpoint_with_nsp_head_legacy_names_and_bin_format(tmp_path, caplog):
+    """BertForPreTraining saved as pytorch_model.bin with TF-era LayerNorm.gamma/beta names."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=30, num_hidden_layers=2, num_attention_heads=3, intermediate_size=31)
+    ref = BertForPreTraining(cfg).eval()
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in ref.state_dict().items()}
+    state["cls.predictions.decoder.weight"] = ref.bert.embeddings.word_embeddings.weight.clone()
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_type": "bert"}))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with caplog.at_level("INFO", logger="mlm"):
+        model = load_model(tmp_path)
+    assert "seq_relationship" in caplog.text
+    ids = sample_ids(model)
+    with torch.no_grad():
+        assert_close(model(ids), ref(input_ids=ids).prediction_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_safetensors(hf_checkpoints, tmp_path):
+    ref = AutoModelForMaskedLM.from_pretrained(hf_checkpoints["roberta"])
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = load_model(tmp_path)
+    ids = sample_ids(model)
+    with torch.no_grad():
+        assert_close(model(ids), ref.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path):
+    state = load_file(hf_checkpoints["bert"] / "model.safetensors")
+
+    def folder_with(name, new_state):
+        folder = copy_folder(hf_checkpoints["bert"], tmp_path / name, drop=("model.safetensors",))
+        save_file(new_state, folder / "model.safetensors")
+        return folder
+
+    extra = folder_with("extra", {**state, "bert.encoder.layer.0.attention.self.rotary.weight": torch.zeros(3)})
+    with pytest.raises(mlm.CheckpointError, match=r"unexpected keys: bert\.encoder\.layer\.0\.attention\.self\.rotary\.weight"):
+        load_model(extra)
+
+    missing = folder_with("missing", {k: v for k, v in state.items() if "layer.1.output.dense.weight" not in k})
+    with pytest.raises(mlm.CheckpointError, match=r"missing keys: bert\.encoder\.layer\.1\.output\.dense\.weight"):
+        load_model(missing)
+
+    config = json.loads((hf_checkpoints["bert"] / "config.json").read_text())
+    wrong = copy_folder(hf_checkpoints["bert"], tmp_path / "wrong")
+    (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
+    with pytest.raises(mlm.CheckpointError, match=r"shape mismatch.*blocks\.0\.fc1\.weight \(37, 45\) vs \(40, 45\)"):
+        load_model(wrong)
+
+
+def test_bad_folders_raise_specific_errors(hf_checkpoints, tmp_path):
+    with pytest.raises(mlm.CheckpointError, match="does not exist"):
+        mlm.load_pretrained(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(mlm.CheckpointError, match="no config.json"):
+        mlm.load_pretrained(empty)
+    no_weights = copy_folder(hf_checkpoints["bert"], tmp_path / "noweights", drop=("model.safetensors",))
+    with pytest.raises(mlm.CheckpointError, match="no weights"):
+        mlm.load_pretrained(no_weights)
+    gpt = copy_folder(hf_checkpoints["bert"], tmp_path / "gpt")
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(mlm.UnsupportedModelError, match="model_type 'gpt2' is not supported"):
+        mlm.load_pretrained(gpt)
+    truncated = copy_folder(hf_checkpoints["bert"], tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(mlm.CheckpointError, match="damaged"):
+        mlm.load_pretrained(truncated)
+    no_tok = copy_folder(hf_checkpoints["bert"], tmp_path / "notok", drop=("tokenizer*",))
+    with pytest.raises(mlm.TokenizerError, match="no tokenizer"):
+        mlm.load_pretrained(no_tok)
