@@ -1,0 +1,14 @@
+"""Fast kernels for the hot path, each beside the plain-PyTorch reference that defines it."""
+
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "triton_available"]
+
+
+def triton_available() -> bool:
+    """Whether triton imports: its kernels then run on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,131 @@
+"""Tokenize a corpus into a dataset folder that train.py reads, or preview masked blocks of one.
+
+    python prepare.py --tokenizer MODEL_DIR --out data/stdlib                  # the built-in corpus
+    python prepare.py --data corpus/ --train-tokenizer wordpiece --vocab-size 8192 --out data/mine
+    python prepare.py --data eli5.jsonl --text-field answers.text --tokenizer MODEL_DIR --out data/eli5
+    python prepare.py --preview data/stdlib --block-size 128 -n 3
+
+With no --data the corpus is the Python standard library's docstrings (no download). The folder format
+is described at the top of mlm/data.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from mlm.errors import ConfigError, run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", nargs="+", metavar="PATH", help="files, folders or globs (default: stdlib docstrings)")
+    p.add_argument("--out", metavar="DIR", help="dataset folder to write")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="DIR", help="use the tokenizer of this model folder")
+    tok.add_argument("--train-tokenizer", choices=("wordpiece", "bpe"), help="train a tokenizer on the corpus")
+    p.add_argument("--vocab-size", type=int, help="for --train-tokenizer (default 30522 wordpiece, 50265 bpe)")
+    p.add_argument("--cased", action="store_true", help="for --train-tokenizer wordpiece: keep case")
+    p.add_argument("--text-field", default="text", help="JSON/parquet field with the text; dotted paths reach in")
+    p.add_argument("--doc-split", default="blank", choices=("blank", "file", "line"),
+                   help="text files: documents end at blank lines, at the end of the file, or at each line")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents kept for validation")
+    p.add_argument("--seed", type=int, default=0, help="seeds the train/val split (and --preview's masks)")
+    p.add_argument("--batch-docs", type=int, default=2000, help="documents tokenized per batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preview", metavar="DIR", help="print a few masked blocks of a prepared folder instead")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="for --preview")
+    p.add_argument("--block-size", type=int, default=128, help="for --preview")
+    p.add_argument("-n", type=int, default=3, help="for --preview: how many blocks")
+    return p.parse_args(argv)
+
+
+def prepare_main(args: argparse.Namespace) -> None:
+    from mlm.data import Corpus, default_corpus, prepare, train_tokenizer
+    from mlm.tokenizer import Tokenizer
+
+    if not args.out:
+        raise ConfigError("pass --out DIR for the dataset folder (or --preview DIR to look at one)")
+    if not args.tokenizer and not args.train_tokenizer:
+        raise ConfigError("pass --tokenizer MODEL_DIR, or --train-tokenizer wordpiece|bpe to learn one from the corpus")
+    if (args.vocab_size or args.cased) and not args.train_tokenizer:
+        raise ConfigError("--vocab-size and --cased only apply with --train-tokenizer")
+    if args.cased and args.train_tokenizer == "bpe":
+        raise ConfigError("--cased applies to wordpiece; byte-level BPE always keeps case")
+
+    corpus = (
+        Corpus(args.data, text_field=args.text_field, doc_split=args.doc_split) if args.data else default_corpus()
+    )
+    started = time.perf_counter()
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    else:
+        if not args.quiet:
+            print(f"training a {args.train_tokenizer} tokenizer on {corpus.description} ...", file=sys.stderr)
+        tokenizer = train_tokenizer(corpus, args.train_tokenizer, args.vocab_size, lowercase=not args.cased)
+    meta = prepare(
+        corpus, args.out, tokenizer, val_fraction=args.val_fraction, seed=args.seed,
+        batch_docs=args.batch_docs, progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - started
+    print(summary(meta, args.out, seconds))
+
+
+def summary(meta: dict, out: str, seconds: float) -> str:
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    bad = "no undecodable bytes"
+    if meta["bad_bytes"]:
+        bad = (f"{meta['bad_bytes']:,} undecodable byte sequence(s) on {meta['bad_lines']:,} line(s) replaced "
+               f"by U+FFFD (first in {meta['bad_bytes_file']})")
+    skipped = f", {meta['skipped_records']:,} records without text skipped" if meta["skipped_records"] else ""
+    return (
+        f"Prepared {meta['docs']:,} documents ({meta['tokens']:,} tokens) from {meta['source']} into {out}: "
+        f"train {train['docs']:,} docs / {train['tokens']:,} tokens, "
+        f"val {val['docs']:,} docs / {val['tokens']:,} tokens; "
+        f"{bad}{skipped}. {meta['tokenizer_kind']} tokenizer, vocabulary {meta['vocab_size']:,} "
+        f"(sha256 {meta['tokenizer_sha256'][:12]}), ids stored as {meta['dtype']}. "
+        f"Took {seconds:.1f} s ({meta['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)."
+    )
+
+
+def preview_main(args: argparse.Namespace) -> None:
+    import torch
+
+    from mlm.data import PackedBlocks, blocks_at, load_dataset_meta, stream_positions
+    from mlm.masking import mask_tokens, preview
+    from mlm.tokenizer import Tokenizer
+
+    if args.n < 1:
+        raise ConfigError(f"-n must be at least 1, not {args.n}")
+    # Whole blocks as training sees them; a split shorter than one block is shown padded.
+    whole = load_dataset_meta(args.preview)["splits"][args.split]["tokens"] >= args.block_size
+    blocks = PackedBlocks(args.preview, args.split, args.block_size, remainder="drop" if whole else "pad")
+    tokenizer = Tokenizer.from_pretrained(args.preview)
+    # The first blocks of the training stream: what step 0 would see.
+    n = min(args.n, len(blocks))
+    indices, _ = blocks_at(stream_positions(0, n), len(blocks), args.seed)
+    batch = blocks.get(indices)
+    masked, labels = mask_tokens(
+        batch["input_ids"],
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=tokenizer.vocab_size,
+        special_ids=tokenizer.special_ids,
+        generator=torch.Generator().manual_seed(args.seed),
+        attention_mask=batch["attention_mask"],
+    )
+    print(preview(tokenizer.decode, masked, labels, mask_token=tokenizer.mask_token, n=n))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.preview:
+        preview_main(args)
+    else:
+        prepare_main(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # encode_batch on every core
+    run_cli(main)
