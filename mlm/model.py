@@ -232,6 +232,15 @@ class MaskedLM(nn.Module):
         # The decoder matmul and the loss together: a fused, chunked kernel on GPU, plain PyTorch elsewhere.
         return linear_cross_entropy(rows, self.embeddings.word.weight, self.head.bias, labels[picked])
 
+    def set_dropout(self, p: float) -> None:
+        """One dropout probability everywhere: embeddings, attention probabilities, residual branches."""
+        self.config.hidden_dropout = self.config.attention_dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            if isinstance(module, Attention):
+                module.dropout = p
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -1,0 +1,218 @@
+"""train.py end to end: layouts that must agree, exact resume after SIGKILL, real weights, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import stdlib_docstrings
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, pipeline
+
+import mlm
+from mlm import data as mdata
+from mlm.fill_mask import fill_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model small enough that a run takes seconds on a 2-core CPU.
+TINY = ["--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
+        "--block-size", "32", "--eval-blocks", "16", "--log-every", "1", "--lr", "3e-3", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A prepared dataset of stdlib docstrings with its own small WordPiece vocabulary."""
+    texts = stdlib_docstrings()
+    tokenizer = mdata.train_tokenizer(texts, "wordpiece", 600)
+    folder = tmp_path_factory.mktemp("data") / "docs"
+    mdata.prepare(mdata.Corpus.from_texts(texts), folder, tokenizer, val_fraction=0.1, progress=False)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(*args, nproc: int = 1) -> list[str]:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+                     "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    return launcher + [str(ROOT / "train.py"), *map(str, args)]
+
+
+def run_train(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(train_cmd(*args, nproc=nproc), capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+def final_weights(out: Path) -> dict:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_layouts_give_the_same_parameters(dataset, tmp_path):
+    """1 process x 8, 1 process x 2 micro-batches of 4, 2 Gloo ranks x 4: the same update every step."""
+    common = ["--data", dataset, *TINY, "--max-steps", "6", "--global-batch-size", "8", "--dropout", "0"]
+    runs = {
+        "single": run_train(*common, "--out", tmp_path / "single"),
+        "accumulate": run_train(*common, "--micro-batch-size", "4", "--out", tmp_path / "accumulate"),
+        "ddp": run_train(*common, "--micro-batch-size", "4", "--out", tmp_path / "ddp", nproc=2),
+    }
+    for name, result in runs.items():
+        assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
+    single = final_weights(tmp_path / "single")
+    assert_same_weights(final_weights(tmp_path / "accumulate"), single)
+    assert_same_weights(final_weights(tmp_path / "ddp"), single)
+    # The runs trained (loss moved) and evaluated on identical fixed masks.
+    vals = [[m for m in metrics(tmp_path / n) if "val_loss" in m] for n in runs]
+    assert vals[0][0]["val_tokens"] == vals[1][0]["val_tokens"] == vals[2][0]["val_tokens"] > 0
+    for v in vals[1:]:
+        assert abs(v[-1]["val_loss"] - vals[0][-1]["val_loss"]) < 1e-4
+    assert vals[0][-1]["val_loss"] < vals[0][0]["val_loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+    common = ["--data", dataset, *TINY, "--max-steps", "60", "--global-batch-size", "8", "--save-every", "5",
+              "--keep-last", "3", "--eval-every", "20"]  # default dropout: resume must replay its randomness
+    reference = run_train(*common, "--out", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_cmd(*common, "--out", out), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "checkpoints").glob("step_*.pt"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = sorted((out / "checkpoints").glob("step_*.pt"))
+    assert saved and not (out / "final").exists(), "the run finished before it was killed"
+
+    # Damage the newest checkpoint as a crash mid-write on another filesystem could: resume must skip it.
+    newest = saved[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])
+    resumed = run_train(*common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping damaged checkpoint" in resumed.stderr
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "reference"), atol=0)
+    steps = [m["step"] for m in metrics(out) if "loss" in m]
+    assert steps == sorted(steps) and steps[-1] == 60  # no duplicated steps after the resume
+
+
+@pytest.mark.slow
+def test_continue_pretraining_all_minilm_l6_v2(minilm_dir, tmp_path):
+    """Real weights: validation perplexity falls; the export loads in transformers with the same fill-mask."""
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n\n".join(stdlib_docstrings(400)))
+    out = tmp_path / "run"
+    result = run_train("--preset", "minilm", "--init", minilm_dir, "--data", corpus, "--out", out,
+                       "--max-steps", "30", "--global-batch-size", "8", "--block-size", "64", "--eval-every", "10",
+                       "--eval-blocks", "32", "--lr", "3e-4", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ppl = [m["val_ppl"] for m in metrics(out) if "val_ppl" in m]
+    assert len(ppl) >= 3 and ppl[-1] < 0.5 * ppl[0], ppl
+
+    final = out / "final"
+    ref, info = AutoModelForMaskedLM.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    text = "Return the [MASK] of the list."
+    ours = fill_mask(*mlm.load_pretrained(final), text)
+    theirs = pipeline("fill-mask", model=str(final), device="cpu")(text)
+    assert [c["token"] for c in ours] == [c["token"] for c in theirs]
+    assert [c["sequence"] for c in ours] == [c["sequence"] for c in theirs]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(ours, theirs)) < 1e-5
+
+
+def test_metrics_checkpoints_and_exports(dataset, tmp_path):
+    out = tmp_path / "run"
+    result = run_train("--data", dataset, *TINY, "--max-steps", "8", "--global-batch-size", "4",
+                       "--eval-every", "4", "--save-every", "2", "--keep-last", "2", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    for r in evals:
+        assert abs(r["val_ppl"] - torch.tensor(r["val_loss"]).exp().item()) < 1e-3 * r["val_ppl"]
+    # The last two checkpoints plus the best one survive.
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    best_step = min(evals[1:], key=lambda r: r["val_loss"])["step"]
+    assert kept == sorted({f"step_{s:08d}.pt" for s in (6, 8, best_step)})
+    for folder in ("final", "best"):
+        model, tokenizer = mlm.load_pretrained(out / folder)
+        assert tokenizer.vocab_size == model.config.vocab_size
+    example = result.stdout.strip().splitlines()  # the closing fill-mask example: the prompt, then 5 fillings
+    assert example[0] == "Return a [MASK] of the items in the list." and len(example) == 6
+    assert all(line.split(maxsplit=1)[1].startswith("return a") for line in example[1:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], "not a multiple of world size 1 x micro batch 4"),
+    (["--init", "/does/not/exist"], "--init folder '/does/not/exist' does not exist"),
+    (["--preset", "imdb"], "pass --init MODEL_DIR"),
+    (["--dtype", "fp8"], "--dtype must be fp32, bf16 or fp16"),
+    (["--block-size", "4096"], "block_size 4096 exceeds"),
+    (["--device", "cuda:0"], "CUDA is not available"),
+    (["--config", "/does/not/exist.toml"], "cannot read --config"),
+])
+def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path, args, message):
+    if "cuda" in " ".join(args) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_train("--data", dataset, *TINY, "--max-steps", "2", "--out", tmp_path / "run", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_out_folder_of_another_run_is_refused(dataset, tmp_path):
+    args = ["--data", dataset, *TINY, "--max-steps", "2", "--out", tmp_path / "run"]
+    assert run_train(*args).returncode == 0
+    again = run_train(*args)
+    assert again.returncode == 2 and "already holds a run; pass --resume" in again.stderr
+    changed = run_train(*args[:-2], "--block-size", "16", "--out", tmp_path / "run", "--resume")
+    assert changed.returncode == 2 and "--resume with different block_size" in changed.stderr
+
+
+def test_persistent_nan_loss_stops_with_a_message(dataset, tmp_path):
+    result = run_train("--data", dataset, *TINY, "--max-steps", "40", "--lr", "1e30", "--grad-clip", "0",
+                       "--warmup", "0", "--out", tmp_path / "run")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "loss was NaN/inf for 10 steps in a row" in result.stderr
+    assert "step skipped" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_toml_config_and_flag_precedence(dataset, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('max_steps = 3\nglobal_batch_size = 4\n[model]\nnum_layers = 1\n')
+    result = run_train("--data", dataset, *TINY, "--config", toml, "--num-layers", "3", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3  # the flag beats the file
+    assert [m["step"] for m in metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_stepz = 3\n")
+    result = run_train("--data", dataset, *TINY, "--config", bad, "--out", tmp_path / "run2")
+    assert result.returncode == 2 and "unknown setting 'max_stepz'" in result.stderr
