@@ -64,6 +64,8 @@ class TrainConfig:
     mask_replace_prob: float = 0.8  # of the chosen tokens, shown as the mask token
     random_replace_prob: float = 0.1  # of the chosen tokens, shown as a random token (the rest stay)
     whole_word_mask: bool = False
+    static_masking: bool = False  # exactly round(p * tokens) per row; on with --compile (fixed shapes)
+    doc_attention: bool = False  # tokens attend only within their own document of a packed block
     # optimisation
     max_steps: int = 0  # optimizer steps; 0: from `epochs`
     epochs: float = 1.0  # used when max_steps is 0
@@ -96,7 +98,7 @@ PRESETS: dict[str, dict] = {
     # Trains in a few minutes on a 2-core CPU; the README's main command.
     "tiny": dict(
         model=dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, vocab_size=4096),
-        block_size=64, global_batch_size=32, lr=2e-3, max_steps=600, warmup=60, eval_every=100, save_every=200,
+        block_size=64, global_batch_size=32, lr=2e-3, max_steps=1200, warmup=100, eval_every=200, save_every=400,
     ),
     # BERT-base from scratch (Devlin et al. phase 1 shape: seq 128, batch 256, lr 1e-4, 10k warmup).
     "bert-base": dict(
@@ -313,8 +315,9 @@ def evaluate(model: MaskedLM, val: dict, rank: int, world: int, micro: int, auto
     for start in range(share.start, share.stop, micro):
         rows = slice(start, min(start + micro, share.stop))
         ids, attention, labels = (val[k][rows].to(device) for k in ("masked_ids", "attention_mask", "labels"))
+        doc_ids = val["doc_ids"][rows].to(device) if "doc_ids" in val else None
         with autocast:
-            hidden = model.encode(ids, attention)
+            hidden = model.encode(ids, attention, doc_ids=doc_ids)
             picked = labels != -100
             logits = model.logits(hidden[picked]).float()  # (N, V)
         targets = labels[picked]
@@ -423,6 +426,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train_blocks) / cfg.global_batch_size))
     plan = mdata.BatchPlan(len(train_blocks), cfg.global_batch_size, world, rank, cfg.micro_batch_size or None,
                            seed=cfg.seed)
+    # Static masking gives at most this many labels per row; the head then scores a fixed number of rows.
+    static = cfg.static_masking or cfg.compile
+    max_predictions = max(1, round(cfg.mlm_probability * cfg.block_size)) if static else None
     masking = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
                    special_ids=tokenizer.special_ids, mlm_probability=cfg.mlm_probability,
                    mask_replace_prob=cfg.mask_replace_prob, random_replace_prob=cfg.random_replace_prob)
@@ -430,6 +436,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     # --- the validation set, masked once from the seed: same masks for every run and every world size
     val_blocks = mdata.PackedBlocks(data_dir, "val", cfg.block_size, remainder="pad")
     val = val_blocks.get(range(min(cfg.eval_blocks, len(val_blocks))))
+    if not cfg.doc_attention:
+        del val["doc_ids"]
     val["masked_ids"], val["labels"] = mask_eval_blocks(
         val["input_ids"], seed=cfg.seed, attention_mask=val["attention_mask"],
         word_starts=val["word_starts"] if cfg.whole_word_mask else None, **masking)
@@ -509,20 +517,21 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         for blocks, positions in plan.rows(step):
             batch = {k: v.to(device, non_blocking=True) for k, v in train_blocks.get(blocks).items()}
             ids, labels = mask_tokens(batch["input_ids"], row_seeds=row_seeds_for(cfg.seed, torch.from_numpy(positions)),
-                                      attention_mask=batch["attention_mask"],
+                                      attention_mask=batch["attention_mask"], static=static,
                                       word_starts=batch["word_starts"] if cfg.whole_word_mask else None, **masking)
-            micro_batches.append((ids, batch["attention_mask"], labels))
+            micro_batches.append((ids, batch["attention_mask"], labels, batch["doc_ids"] if cfg.doc_attention else None))
             tokens_seen += int(batch["attention_mask"].sum()) * world
-        masked_here = torch.stack([(labels != -100).sum() for _, _, labels in micro_batches]).sum()
+        masked_here = torch.stack([(labels != -100).sum() for _, _, labels, _ in micro_batches]).sum()
         masked_total = all_reduce_sum(masked_here.double(), world)
 
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for i, (ids, attention, labels) in enumerate(micro_batches):
+        for i, (ids, attention, labels, doc_ids) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = nullcontext() if last or world == 1 else model.no_sync()
             with sync:
                 with autocast:
-                    mean_loss = model(ids, attention_mask=attention, labels=labels)
+                    mean_loss = model(ids, attention_mask=attention, labels=labels, doc_ids=doc_ids,
+                                      max_predictions=max_predictions)
                 # Sum of token losses over the global count; DDP averages over ranks, so scale by world back.
                 loss = mean_loss * (labels != -100).sum() / masked_total * world
                 scaler.scale(loss).backward()

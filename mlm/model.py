@@ -13,7 +13,7 @@ N rows picked for the head (the masked positions).
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,9 @@ from kernels import linear_cross_entropy
 from mlm.errors import ConfigError, InputError
 
 FAMILIES = ("bert", "roberta", "distilbert")
+# The varlen path uses jagged nested tensors, the layout PyTorch develops; its CPU attention fallback
+# still says the older layout is a prototype, on every first call.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 ACTIVATIONS = {
     "gelu": F.gelu,  # the exact erf form, as in the original BERT
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -53,6 +56,7 @@ class ModelConfig:
     attention_dropout: float = 0.1  # on the attention probabilities
     initializer_range: float = 0.02  # std of the normal init for a model trained from scratch
     family: str = "bert"  # "bert" | "roberta" | "distilbert": key names and config.json format on save
+    varlen: bool = False  # attention per sequence (nested tensors): padding is skipped, documents kept apart
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -108,16 +112,35 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        if offsets is not None:
+            return self.proj(self._varlen(x, offsets, dropout))
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         # mask: bool, True where a query may look at a key; (B, 1, 1, T) for padding, (B, 1, T, T) for documents.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
+
+    def _varlen(self, x: torch.Tensor, offsets: torch.Tensor, dropout: float) -> torch.Tensor:
+        """Attention over S sequences packed end to end in x (N, C); sequence s is x[offsets[s]:offsets[s+1]].
+
+        Nested (jagged) tensors give SDPA one ragged batch: no padding is computed and no token sees
+        another sequence, with no (T, T) mask at all (on CUDA, the varlen FlashAttention kernels).
+        """
+        N, C = x.shape
+        H = self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (N, C) -> (S, H, j, D), j ragged
+            return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).unflatten(-1, (H, C // H)).transpose(1, 2)
+
+        q, k, v = self.qkv(x).split(C, dim=1)  # 3 x (N, C)
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=dropout)  # (S, H, j, D)
+        return y.transpose(1, 2).flatten(-2).values()  # (N, C)
 
 
 class Block(nn.Module):
@@ -135,8 +158,8 @@ class Block(nn.Module):
         self.attn_dropout = nn.Dropout(0.0 if cfg.family == "distilbert" else cfg.hidden_dropout)
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_dropout(self.attn(x, mask)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, mask, offsets)))
         x = self.mlp_norm(x + self.mlp_dropout(self.fc2(self.act(self.fc1(x)))))
         return x
 
@@ -207,10 +230,32 @@ class MaskedLM(nn.Module):
                 "truncate the input or use a shorter block size"
             )
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        if self.config.varlen and (attention_mask is not None or doc_ids is not None):
+            return self._encode_varlen(x, attention_mask, doc_ids)
         mask = attention_mask_for(attention_mask, doc_ids)
         for block in self.blocks:
             x = block(x, mask)
         return x
+
+    def _encode_varlen(self, x: torch.Tensor, attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None):
+        """The blocks on real tokens only, packed end to end, each sequence (row or document) attending to itself.
+
+        Embeddings were computed in the padded layout, so positions are those of the dense path. Every
+        linear layer then runs on N real tokens instead of B x T. Padded positions come back as zeros.
+        """
+        B, T, C = x.shape
+        real = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                                     device=x.device)
+        # A sequence starts at each row's first real token and wherever the document changes.
+        starts = real & (real.cumsum(dim=1) == 1)  # (B, T)
+        if doc_ids is not None:
+            starts[:, 1:] |= doc_ids[:, 1:] != doc_ids[:, :-1]
+        starts = starts[real]  # (N,) among the real tokens, in row order
+        offsets = torch.cat([starts.nonzero().flatten(), starts.new_tensor([starts.numel()], dtype=torch.long)])
+        packed = x[real]  # (N, C)
+        for block in self.blocks:
+            packed = block(packed, None, offsets)
+        return x.new_zeros(B, T, C).masked_scatter(real[..., None], packed)  # (B, T, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) for hidden states (..., C): any subset of rows, or all of them."""
@@ -223,14 +268,28 @@ class MaskedLM(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        max_predictions: int | None = None,
     ) -> torch.Tensor:
+        """Logits (B, T, V); with labels, the mean cross-entropy over labelled positions (a scalar).
+
+        max_predictions (BERT's max_predictions_per_seq): score a fixed M rows per sequence, labelled
+        positions first, padded with ignored rows. Shapes then do not depend on the mask, so
+        torch.compile sees one graph; a row with more than M labels loses the excess, so use it with
+        masks whose count per row is bounded (static masking).
+        """
         hidden = self.encode(input_ids, attention_mask, token_type_ids, doc_ids)  # (B, T, C)
         if labels is None:
             return self.logits(hidden)  # (B, T, V)
-        picked = labels != -100  # (B, T)
-        rows = self.head.transform(hidden[picked])  # (N, C)
+        if max_predictions is None:
+            picked = labels != -100  # (B, T)
+            rows, targets = hidden[picked], labels[picked]  # (N, C), (N,)
+        else:
+            B, T, C = hidden.shape
+            order = (labels != -100).int().argsort(dim=1, descending=True, stable=True)[:, :max_predictions]  # (B, M)
+            rows = hidden.gather(1, order[..., None].expand(-1, -1, C)).view(-1, C)  # (B*M, C)
+            targets = labels.gather(1, order).view(-1)  # (B*M,), -100 where a row had fewer than M labels
         # The decoder matmul and the loss together: a fused, chunked kernel on GPU, plain PyTorch elsewhere.
-        return linear_cross_entropy(rows, self.embeddings.word.weight, self.head.bias, labels[picked])
+        return linear_cross_entropy(self.head.transform(rows), self.embeddings.word.weight, self.head.bias, targets)
 
     def set_dropout(self, p: float) -> None:
         """One dropout probability everywhere: embeddings, attention probabilities, residual branches."""

@@ -157,3 +157,39 @@ def test_config_validation():
         ModelConfig(hidden_size=30, num_heads=4)
     with pytest.raises(mlm.ConfigError, match="unsupported hidden_act"):
         ModelConfig(hidden_act="mish")
+
+
+def varlen_inputs():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, 50, (3, 16), generator=g)
+    attention = torch.ones_like(ids)
+    attention[1, 11:] = 0
+    attention[2, 4:] = 0
+    doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 2, [0] * 3 + [1] * 8 + [-1] * 5, [0] * 4 + [-1] * 12])
+    return ids, attention, doc_ids
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_varlen_attention_equals_the_dense_mask_reference(with_docs):
+    """Unpadded, per-document attention through nested tensors: same outputs and gradients as dense masks."""
+    ids, attention, doc_ids = varlen_inputs()
+    doc_ids = doc_ids if with_docs else None
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
+    labels[attention == 0] = -100
+    results = []
+    for varlen in (False, True):
+        torch.manual_seed(0)
+        model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
+                                     max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
+                                     varlen=varlen))
+        hidden = model.encode(ids, attention, doc_ids=doc_ids)
+        loss = model(ids, attention, labels=labels, doc_ids=doc_ids)
+        loss.backward()
+        results.append((hidden, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (h_dense, l_dense, g_dense), (h_var, l_var, g_var) = results
+    real = attention.bool()
+    assert_close(h_var[real], h_dense[real], atol=1e-5, rtol=1e-5)
+    assert torch.all(h_var[~real] == 0)
+    assert_close(l_var, l_dense, atol=1e-6, rtol=1e-6)
+    for name in g_dense:
+        assert_close(g_var[name], g_dense[name], atol=1e-5, rtol=1e-4, msg=name)
