@@ -216,3 +216,22 @@ def test_toml_config_and_flag_precedence(dataset, tmp_path):
     bad.write_text("max_stepz = 3\n")
     result = run_train("--data", dataset, *TINY, "--config", bad, "--out", tmp_path / "run2")
     assert result.returncode == 2 and "unknown setting 'max_stepz'" in result.stderr
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager_with_static_masks(dataset, tmp_path):
+    """--compile (inductor on the CPU) takes the static-mask path; eager with --static-masking is its reference."""
+    common = ["--data", dataset, *TINY, "--max-steps", "4", "--global-batch-size", "8", "--dropout", "0"]
+    compiled = run_train(*common, "--compile", "--out", tmp_path / "compiled", timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    eager = run_train(*common, "--static-masking", "--out", tmp_path / "eager")
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    assert_same_weights(final_weights(tmp_path / "compiled"), final_weights(tmp_path / "eager"), atol=1e-5)
+
+
+def test_doc_attention_and_varlen_train(dataset, tmp_path):
+    """Per-document attention through nested tensors, in training and evaluation."""
+    result = run_train("--data", dataset, *TINY, "--max-steps", "3", "--global-batch-size", "4", "--doc-attention",
+                       "--varlen", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(r["val_loss"] > 0 for r in metrics(tmp_path / "run") if "val_loss" in r)
