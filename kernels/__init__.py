@@ -1,4 +1,7 @@
-"""Fast kernels for the hot path, each beside the plain-PyTorch reference that defines it."""
+"""Fast kernels for the hot path, each beside the plain-PyTorch reference that defines it.
+
+Importing the package registers the fused loss as the custom op torch.ops.mlm.linear_cross_entropy.
+"""
 
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 

@@ -30,6 +30,15 @@ and a GradScaler's factor, which exists to lift such values, only arrives as gra
 writes p - onehot (well scaled in any dtype), grad_W and grad_b accumulate in fp32, and backward casts
 to the input dtype after scaling.
 
+For torch.compile the fused path is a custom operator, `mlm::linear_cross_entropy`, so the compiler sees
+it as one opaque node rather than tracing into it (Dynamo cannot read triton's knobs, and would unroll
+the chunk loop for every N): no graph break, and nothing to recompile when the values change. Its fake
+implementation tells the compiler the shapes and dtypes of the outputs without running anything; its
+backward, the scaling above, is plain PyTorch and compiles with the rest of the backward graph. The op
+returns (loss, 1/n, grad_hidden, grad_weight, grad_bias). A custom op cannot return None, so which
+gradients to compute is an argument, and one that is not needed (none under torch.no_grad()) comes back
+as an empty tensor.
+
 Shapes: N rows (masked positions), D hidden size, V vocabulary, C rows per chunk.
 """
 
@@ -132,63 +141,99 @@ def _chunked_forward(
     targets: torch.Tensor,
     ignore_index: int,
     chunk_size: int,
-    needs_grad: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    """Loss, the 1/n scale, and the unscaled gradients for (hidden, weight, bias) where needs_grad says."""
+    logits_dtype: torch.dtype,
+    needs_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, the 1/n scale, and the unscaled gradients of (hidden, weight, bias) where needs_grad says.
+
+    A gradient that is not needed comes back as an empty tensor: a custom op cannot return None.
+    """
     N, D = hidden.shape
     V = weight.shape[0]
     targets = targets.contiguous()
     fp32 = dict(dtype=torch.float32, device=hidden.device)
+    want_hidden, want_weight, want_bias = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
     losses = torch.empty(N, **fp32)  # (N,)
-    grad_hidden = torch.empty_like(hidden) if needs_grad[0] else None  # (N, D), well scaled in any dtype
-    grad_weight = torch.zeros(V, D, **fp32) if needs_grad[1] else None  # (V, D), sums over all chunks
-    grad_bias = torch.zeros(V, **fp32) if needs_grad[2] else None  # (V,)
+    grad_hidden = torch.empty_like(hidden) if want_hidden else hidden.new_empty(0)  # (N, D), well scaled in any dtype
+    grad_weight = torch.zeros(V, D, **fp32) if want_weight else weight.new_empty(0)  # (V, D), sums over all chunks
+    grad_bias = torch.zeros(V, **fp32) if want_bias else weight.new_empty(0)  # (V,)
 
-    for start in range(0, N, chunk_size):
-        rows = slice(start, start + chunk_size)
-        h = hidden[rows]  # (C, D)
-        logits = F.linear(h, weight, bias)  # (C, V), the only one alive
-        losses[rows] = _softmax_minus_onehot_(logits, targets[rows], ignore_index)
-        dz = logits  # (C, V), now p - onehot
-        if grad_hidden is not None:
-            grad_hidden[rows] = dz @ weight  # (C, D)
-        if grad_weight is not None:
-            grad_weight += dz.t() @ h  # (V, D), accumulated in fp32 across chunks
-        if grad_bias is not None:
-            grad_bias += dz.sum(0, dtype=torch.float32)
+    # Autocast is done by hand: eager calls reach here with autocast on, compiled graphs with it off
+    # (AOTAutograd bakes the casts into the ops around this one), and both must give the same numbers.
+    # The casts of weight and bias are no-ops without autocast; with it, one (V, D) copy, as autocast makes.
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(logits_dtype)
+        b = None if bias is None else bias.to(logits_dtype)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows].to(logits_dtype)  # (C, D)
+            logits = F.linear(h, w, b)  # (C, V), the only one alive
+            losses[rows] = _softmax_minus_onehot_(logits, targets[rows], ignore_index)
+            dz = logits  # (C, V), now p - onehot
+            if want_hidden:
+                grad_hidden[rows] = dz @ w  # (C, D)
+            if want_weight:
+                grad_weight += dz.t() @ h  # (V, D), accumulated in fp32 across chunks
+            if want_bias:
+                grad_bias += dz.sum(0, dtype=torch.float32)
 
     scale = 1.0 / (targets != ignore_index).sum().clamp(min=1)  # a tensor: no host sync
-    return losses.sum() * scale, scale, [grad_hidden, grad_weight, grad_bias]
+    return losses.sum() * scale, scale, grad_hidden, grad_weight, grad_bias
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, chunk_size):
-        loss, scale, grads = _chunked_forward(
-            hidden, weight, bias, targets, ignore_index, chunk_size, ctx.needs_input_grad[:3]
-        )
-        ctx.save_for_backward(scale, *grads)
-        # Under autocast the logits may be bf16 while hidden and weight are fp32: autograd wants
-        # each gradient in its own input's dtype.
-        ctx.dtypes = [t.dtype if t is not None else None for t in (hidden, weight, bias)]
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        scale, *grads = ctx.saved_tensors
-        factor = grad_loss * scale  # fp32, 0-d; carries a GradScaler's factor, if any
-        grads = [None if g is None else (g.float() * factor).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return *grads, None, None, None
+# One opaque node for the compiler (see the module docstring). The schema it infers from the signature:
+# (Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, SymInt ignore_index, SymInt chunk_size,
+#  ScalarType logits_dtype, bool[] needs_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+_op = torch.library.custom_op("mlm::linear_cross_entropy", _chunked_forward, mutates_args=())
 
 
-@torch.compiler.disable
+@_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, chunk_size, logits_dtype, needs_grad):
+    # What the compiler traces in place of the op: outputs of the right shapes, dtypes and devices (N may
+    # be symbolic), mirroring the allocations in _chunked_forward.
+    V, D = weight.shape
+    fp32 = dict(dtype=torch.float32, device=hidden.device)
+    return (
+        hidden.new_empty((), **fp32),  # loss
+        hidden.new_empty((), **fp32),  # 1/n
+        torch.empty_like(hidden) if needs_grad[0] else hidden.new_empty(0),
+        hidden.new_empty(V, D, **fp32) if needs_grad[1] else weight.new_empty(0),
+        hidden.new_empty(V, **fp32) if needs_grad[2] and bias is not None else weight.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    needs_grad = inputs[-1]
+    _, scale, *grads = output
+    ctx.save_for_backward(scale, *grads)
+    # Under autocast the logits may be bf16 while hidden and weight are fp32: autograd wants each
+    # gradient in its own input's dtype. None marks a gradient the forward did not compute.
+    ctx.dtypes = [t.dtype if need and t is not None else None for t, need in zip(inputs[:3], needs_grad)]
+    # Only the loss has a gradient. Without these, autograd would hand backward a zero tensor for each
+    # of the other four outputs, (V, D) fp32 among them.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, *_):
+    scale, *grads = ctx.saved_tensors
+    factor = grad_loss * scale  # fp32, 0-d; carries a GradScaler's factor, if any
+    grads = [None if dtype is None else (g.float() * factor).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+    return *grads, None, None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _fused(hidden, weight, bias, targets, ignore_index, chunk_size):
-    # Dynamo stops at triton's knobs (read through a C extension) and would unroll the chunk loop
-    # for each N; so under torch.compile this runs eagerly behind a graph break, which costs little
-    # next to its matmuls.
-    if torch.is_grad_enabled():
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size)
-    return _chunked_forward(hidden, weight, bias, targets, ignore_index, chunk_size, (False, False, False))[0]
+    # The op computes gradients in its forward, so it must be told which: none under torch.no_grad().
+    grad = torch.is_grad_enabled()
+    needs_grad = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    device = hidden.device.type
+    logits_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if chunk_size is None:
+        chunk_size = max(1, MAX_CHUNK_BYTES // (weight.shape[0] * logits_dtype.itemsize))
+    return _op(hidden, weight, bias, targets, ignore_index, chunk_size, logits_dtype, needs_grad)[0]
 
 
 def linear_cross_entropy(
@@ -228,6 +273,4 @@ def linear_cross_entropy(
         return linear_cross_entropy_ref(hidden, weight, bias, targets, ignore_index)
     if triton is None:
         raise RuntimeError("use_triton=True needs triton: pip install triton, or pass use_triton=None")
-    if chunk_size is None:
-        chunk_size = max(1, MAX_CHUNK_BYTES // (weight.shape[0] * hidden.element_size()))
     return _fused(hidden, weight, bias, targets, ignore_index, chunk_size)

@@ -7,6 +7,9 @@ triton imported first (through mlm -> kernels), and would leak into every later 
 model's loss through the slow interpreter. So `test_kernel_in_interpreter` runs this file again in a
 fresh process with the variable set; the tests marked `interpreted` run only there (or when you set
 TRITON_INTERPRET=1 yourself).
+
+Under torch.compile both paths must make one graph (fullgraph=True) that a second batch of the same
+shape reuses: the fused path as a single `mlm::linear_cross_entropy` node, checked by opcheck as well.
 """
 
 import importlib
@@ -122,13 +125,23 @@ def test_autocast_keeps_fp32_gradients():
     assert_error_within(3, 1e-3, leaves, targets, autocast=True, chunk_size=8)  # 3x: see above
 
 
+def record_needs_grad(monkeypatch):
+    """The needs_grad argument of each call to the fused op: which gradients its forward computes."""
+    calls = []
+    op = lce_module._op
+    monkeypatch.setattr(lce_module, "_op", lambda *args: calls.append(args[-1]) or op(*args))
+    return calls
+
+
 @interpreted
-def test_no_bias_and_frozen_weight():
+def test_no_bias_and_frozen_weight(monkeypatch):
+    calls = record_needs_grad(monkeypatch)
     leaves, targets = make_inputs(11, 257, 9, torch.float32, bias=False, weight_grad=False)
     loss, (grad_hidden,) = loss_and_grads(linear_cross_entropy, leaves, targets, use_triton=True, chunk_size=4)
     ref_loss, (ref_grad_hidden,) = loss_and_grads(linear_cross_entropy_ref, leaves, targets)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_hidden, ref_grad_hidden, rtol=1e-5, atol=1e-7)
+    assert calls == [[True, False, False]]  # no (V, D) gradient for the frozen weight
 
 
 @interpreted
@@ -143,33 +156,90 @@ def test_nothing_to_count_gives_zero_loss_and_gradients(N, ignored):
 
 
 @interpreted
-def test_no_grad_returns_the_same_loss():
+def test_no_grad_returns_the_same_loss(monkeypatch):
+    calls = record_needs_grad(monkeypatch)
     leaves, targets = make_inputs(13, 97, 8, torch.float32, ignored=(2,))
     with torch.no_grad():
         loss = linear_cross_entropy(*leaves, targets, use_triton=True, chunk_size=4)
     assert not loss.requires_grad
+    assert calls == [[False, False, False]]  # evaluation computes no gradients at all
     torch.testing.assert_close(loss, linear_cross_entropy_ref(*leaves, targets), rtol=1e-5, atol=1e-6)
 
 
-@interpreted
-def test_runs_under_torch_compile():
-    # The fused path is a graph break (torch.compiler.disable): it runs eagerly inside compiled code.
-    leaves, targets = make_inputs(9, 97, 8, torch.float32)
+class GraphRecorder:
+    """A torch.compile backend that keeps every graph Dynamo hands it, then compiles it with `backend`.
+
+    With fullgraph=True a graph break is an error, so one graph after several calls also means no
+    recompile; error_on_recompile makes a recompile fail at the call that caused it.
+    """
+
+    def __init__(self, backend="aot_eager"):
+        self.backend = backend
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)
+
+    def op_calls(self):
+        """How many times the fused custom op appears in the graphs (as one opaque node each)."""
+        op = torch.ops.mlm.linear_cross_entropy.default
+        return sum(node.target is op for gm in self.graphs for node in gm.graph.nodes)
+
+
+def assert_compiles_once(backend="aot_eager", device="cpu", autocast=False, **kernel_kwargs):
+    """Compile the loss with fullgraph=True; run loss and backward on two batches of the same shape and
+    different values, each against eager; assert one graph in all. Returns the recorder."""
+    torch._dynamo.reset()
+    recorder = GraphRecorder(backend)
     compiled = torch.compile(
-        lambda *args: linear_cross_entropy(*args, use_triton=True, chunk_size=4), backend="eager"
+        lambda *args: linear_cross_entropy(*args, **kernel_kwargs), backend=recorder, fullgraph=True
     )
-    loss, grads = loss_and_grads(compiled, leaves, targets)
-    ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_ref, leaves, targets)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    for grad, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
+    # Under autocast the eager fused path is the reference: the same casts should give the same numbers.
+    ref_fn, ref_kwargs = (linear_cross_entropy, kernel_kwargs) if autocast else (linear_cross_entropy_ref, {})
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (0, 1):
+            leaves, targets = make_inputs(37, 1009, 33, torch.float32, ignored=(3, 4), device=device, seed=seed)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                loss, grads = loss_and_grads(compiled, leaves, targets)
+                ref_loss, ref_grads = loss_and_grads(ref_fn, leaves, targets, **ref_kwargs)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+            for name, grad, ref in zip(["hidden", "weight", "bias"], grads, ref_grads):
+                torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item(), msg=name)
+    assert len(recorder.graphs) == 1
+    return recorder
+
+
+@interpreted
+def test_fused_path_compiles_to_one_graph():
+    # use_triton=None: under the interpreter CPU tensors take the fused op, as CUDA tensors do on a GPU.
+    recorder = assert_compiles_once(chunk_size=8)
+    assert recorder.op_calls() == 1  # one opaque node: neither the chunk loop nor triton was traced
+
+
+@interpreted
+def test_compiled_fused_path_under_autocast_matches_eager():
+    # A compiled graph runs the op with autocast off (AOTAutograd bakes the casts into the other ops),
+    # so the op takes the logits dtype as an argument; without it the compiled logits would be fp32.
+    recorder = assert_compiles_once(autocast=True, chunk_size=8)
+    assert recorder.op_calls() == 1
+
+
+@interpreted
+@pytest.mark.parametrize("bias, weight_grad", [(True, True), (False, False)], ids=["all-grads", "hidden-only"])
+def test_custom_op_registrations(bias, weight_grad):
+    # opcheck runs the op against its schema, its fake implementation (shapes, dtypes, strides, also with
+    # dynamic shapes) and its autograd registration, eagerly and through AOTAutograd.
+    leaves, targets = make_inputs(5, 97, 8, torch.float32, ignored=(1,), bias=bias, weight_grad=weight_grad)
+    needs_grad = [t is not None and t.requires_grad for t in leaves]
+    args = (*leaves, targets, -100, 2, torch.float32, needs_grad)
+    torch.library.opcheck(torch.ops.mlm.linear_cross_entropy.default, args)
 
 
 def test_reference_path_compiles_to_one_graph(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    leaves, targets = make_inputs(5, 97, 8, torch.float32)
-    compiled = torch.compile(linear_cross_entropy, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(*leaves, targets), linear_cross_entropy_ref(*leaves, targets))
+    recorder = assert_compiles_once()
+    assert recorder.op_calls() == 0  # plain CPU takes the reference, traced like any PyTorch code
 
 
 def test_dispatch_plain_cpu_uses_reference(monkeypatch):
@@ -211,3 +281,12 @@ def test_cuda_matches_reference(dtype):
     # BERT's vocabulary (not a multiple of the 4096-wide tile), several chunks and a ragged last one.
     leaves, targets = make_inputs(1000, 30522, 256, dtype, ignored=range(0, 1000, 7), device="cuda")
     assert_error_within(2, 1e-5 if dtype == torch.float32 else 1e-3, leaves, targets, chunk_size=384)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(INTERPRETING, reason="tests the compiled kernel, not the interpreter")
+def test_cuda_compiles_with_inductor():
+    # Inductor calls the op as an extern kernel and compiles the backward's scaling and casts around it.
+    recorder = assert_compiles_once(backend="inductor", device="cuda", chunk_size=16)
+    assert recorder.op_calls() == 1
