@@ -235,3 +235,9 @@ def test_doc_attention_and_varlen_train(dataset, tmp_path):
                        "--varlen", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert all(r["val_loss"] > 0 for r in metrics(tmp_path / "run") if "val_loss" in r)
+
+
+def test_dataset_of_another_vocabulary_is_refused(dataset, hf_checkpoints, tmp_path):
+    result = run_train("--init", hf_checkpoints["bert"], "--data", dataset, "--max-steps", "2", "--out", tmp_path / "r")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the dataset's vocabulary has 600 tokens but this model/tokenizer has" in result.stderr
