@@ -609,8 +609,10 @@ def plot_metrics(metrics: Path, png: Path) -> None:
     train_rows = [r for r in records if "loss" in r]
     val_rows = [r for r in records if "val_loss" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
-    a.set(xlabel="step", ylabel="training loss")
+    a.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], marker=".", label="training")
+    a.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], marker="o", label="validation")
+    a.set(xlabel="step", ylabel="MLM loss (masked tokens)")
+    a.legend()
     b.plot([r["step"] for r in val_rows], [r["val_ppl"] for r in val_rows], marker="o")
     b.set(xlabel="step", ylabel="validation perplexity", yscale="log")
     fig.tight_layout()

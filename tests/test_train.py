@@ -161,6 +161,7 @@ def test_metrics_checkpoints_and_exports(dataset, tmp_path):
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     best_step = min(evals[1:], key=lambda r: r["val_loss"])["step"]
     assert kept == sorted({f"step_{s:08d}.pt" for s in (6, 8, best_step)})
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is a test dependency
     for folder in ("final", "best"):
         model, tokenizer = mlm.load_pretrained(out / folder)
         assert tokenizer.vocab_size == model.config.vocab_size
