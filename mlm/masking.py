@@ -159,64 +159,88 @@ def mask_tokens(
     B, T = input_ids.shape
     device = input_ids.device
 
+    token_level = word_starts is None and not static
+    action_scale = 1.0  # u_action is uniform on [0, action_scale)
     if row_seeds is not None:
         u_choose, u_action, random_ids = _hashed_draws(row_seeds.to(device), T, vocab_size)
+    elif token_level:
+        # Given u < p, u is uniform on [0, p) and independent of the choice, so one draw serves both
+        # decisions (its thresholds scaled by p). Random ids are drawn below, only where one is shown.
+        u_choose = u_action = torch.rand(B, T, generator=generator, device=device)
+        action_scale, random_ids = mlm_probability, None
     else:
         u_choose = torch.rand(B, T, generator=generator, device=device)
         u_action = torch.rand(B, T, generator=generator, device=device)
-        random_ids = torch.randint(vocab_size, (B, T), generator=generator, device=device)
+        random_ids = None
 
-    never = torch.tensor(sorted({int(i) for i in special_ids} | {mask_token_id}), device=device)
-    candidate = ~torch.isin(input_ids, never)  # (B, T)
+    # A lookup table over the vocabulary (ids must be < vocab_size): one gather, cheaper than isin.
+    never = sorted({int(i) for i in special_ids} | {mask_token_id})
+    special = torch.zeros(max(vocab_size, never[-1] + 1), dtype=torch.bool, device=device)
+    special[never] = True
+    candidate = ~special[input_ids]  # (B, T)
     if attention_mask is not None:
         candidate &= attention_mask.bool()
-
-    # Group tokens into words; without word_starts every token is its own word, so one code path serves
-    # both. A non-candidate is always a one-token word, and the token after it always starts a word.
-    if word_starts is None:
-        starts = torch.ones_like(candidate)
-    else:
-        prev_candidate = torch.nn.functional.pad(candidate[:, :-1], (1, 0), value=False)
-        starts = word_starts.to(device) | ~candidate | ~prev_candidate
     pos = torch.arange(T, device=device).expand(B, T)
-    first = torch.where(starts, pos, 0).cummax(dim=1).values  # (B, T): where each token's word starts
-
-    # Word-level arrays live at each word's first position. A word's score is its first token's uniform.
     inf = float("inf")
-    score = torch.where(starts & candidate, u_choose, inf)  # (B, T)
 
-    if static:
-        n_candidates = candidate.sum(dim=1)
-        # torch.round, like Python's round, rounds halves to even.
-        k = (n_candidates.double() * mlm_probability).round().long()
+    if token_level:  # the common case, kept lean: HF's collator, one Bernoulli(p) per candidate
+        chosen = candidate & (u_choose < mlm_probability)  # (B, T)
         if min_one:
-            k = torch.maximum(k, (n_candidates > 0).long())
-        length = torch.zeros_like(input_ids).scatter_add_(1, first, torch.ones_like(input_ids))  # (B, T)
-        # Whole words make exactly k impossible in general: take words in random order while the running
-        # token count stays <= k (words longer than k alone are skipped, so a row whose every word is
-        # longer than k gets no target even with min_one). Without word_starts every length is 1, so
-        # this takes exactly the k lowest-scoring tokens.
-        score = torch.where(length <= k[:, None], score, inf)
-        order = score.argsort(dim=1, stable=True)  # ties between equal uniforms broken by position
-        fits = (length.gather(1, order).cumsum(dim=1) <= k[:, None]) & score.gather(1, order).isfinite()
-        chosen_word = torch.zeros_like(candidate).scatter_(1, order, fits)
+            empty = ~chosen.any(dim=1)  # (B,)
+            if empty.any():  # rare at realistic lengths; the rescue is the row's lowest-scoring candidate
+                empty &= candidate.any(dim=1)
+                score = torch.where(candidate, u_choose, inf)
+                rescued = empty[:, None] & (pos == score.argmin(dim=1, keepdim=True))  # (B, T)
+                chosen |= rescued
+                if u_action is u_choose:  # a rescued u is >= p, no use for the shared draw: draw afresh
+                    fresh = torch.rand(B, T, generator=generator, device=device) * action_scale
+                    u_action = torch.where(rescued, fresh, u_action)
     else:
-        chosen_word = score < mlm_probability
+        # Group tokens into words (without word_starts every candidate is a word of its own). A
+        # non-candidate is always a one-token word, and the token after it always starts a word.
+        if word_starts is None:
+            starts, first = candidate, pos
+        else:
+            prev_candidate = torch.nn.functional.pad(candidate[:, :-1], (1, 0), value=False)
+            starts = word_starts.to(device) | ~candidate | ~prev_candidate
+            first = torch.where(starts, pos, 0).cummax(dim=1).values  # (B, T): where each token's word starts
 
-    if min_one:
-        # A row with nothing chosen gets its lowest-scoring word: uniformly random among its words.
-        empty = ~chosen_word.any(dim=1) & score.isfinite().any(dim=1)  # (B,)
-        chosen_word |= empty[:, None] & (pos == score.argmin(dim=1, keepdim=True))
+        # Word-level arrays live at each word's first position. A word's score is its first token's uniform.
+        score = torch.where(starts & candidate, u_choose, inf)  # (B, T)
+        if static:
+            n_candidates = candidate.sum(dim=1)
+            # torch.round, like Python's round, rounds halves to even.
+            k = (n_candidates.double() * mlm_probability).round().long()
+            if min_one:
+                k = torch.maximum(k, (n_candidates > 0).long())
+            length = torch.zeros_like(input_ids).scatter_add_(1, first, torch.ones_like(input_ids))  # (B, T)
+            # Whole words make exactly k impossible in general: take words in random order while the running
+            # token count stays <= k (words longer than k alone are skipped, so a row whose every word is
+            # longer than k gets no target even with min_one). Without word_starts every length is 1, so
+            # this takes exactly the k lowest-scoring tokens.
+            score = torch.where(length <= k[:, None], score, inf)
+            order = score.argsort(dim=1, stable=True)  # ties between equal uniforms broken by position
+            fits = (length.gather(1, order).cumsum(dim=1) <= k[:, None]) & score.gather(1, order).isfinite()
+            chosen_word = torch.zeros_like(candidate).scatter_(1, order, fits)
+        else:
+            chosen_word = score < mlm_probability
 
-    chosen = chosen_word.gather(1, first) & candidate  # (B, T): spread each word's choice to its tokens
+        if min_one:
+            # A row with nothing chosen gets its lowest-scoring word: uniformly random among its words.
+            empty = ~chosen_word.any(dim=1) & score.isfinite().any(dim=1)  # (B,)
+            chosen_word |= empty[:, None] & (pos == score.argmin(dim=1, keepdim=True))
+        chosen = chosen_word.gather(1, first) & candidate  # (B, T): spread each word's choice to its tokens
 
     # One uniform per chosen token, cut into [0, mask) -> [MASK], [mask, mask + random) -> random id,
     # the rest -> unchanged. Per token even for whole words, as in HF. Random ids span the whole
     # vocabulary, specials included, as HF's collator does (it draws from len(tokenizer)).
-    show_mask = chosen & (u_action < mask_replace_prob)
-    show_random = chosen & ~show_mask & (u_action < mask_replace_prob + random_replace_prob)
-    masked = torch.where(show_random, random_ids, input_ids)
-    masked = masked.masked_fill(show_mask, mask_token_id)
+    show_mask = chosen & (u_action < action_scale * mask_replace_prob)
+    show_random = chosen & ~show_mask & (u_action < action_scale * (mask_replace_prob + random_replace_prob))
+    masked = input_ids.masked_fill(show_mask, mask_token_id)
+    if random_ids is None:
+        masked[show_random] = torch.randint(vocab_size, (int(show_random.sum()),), generator=generator, device=device)
+    else:
+        masked = torch.where(show_random, random_ids, masked)
     labels = torch.where(chosen, input_ids, IGNORE_INDEX)
     return masked, labels
 

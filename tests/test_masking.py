@@ -254,6 +254,16 @@ def test_min_one_gives_short_rows_a_target(kind):
     assert (chosen_in(False).sum(1) == 0).float().mean() > 0.3
 
 
+@pytest.mark.parametrize("kind", ["generator", "row_seeds"])
+def test_rescued_tokens_still_split_80_10_10(kind):
+    """A token chosen by the min_one rescue is shown as [MASK] / random / itself like any other."""
+    ids = torch.tensor([CLS, 10, SEP]).repeat(40000, 1)  # one candidate: rescued whenever not drawn (85%)
+    masked, labels = mask_tokens(ids, **KW, **randomness(kind, 40000))
+    _, as_mask, as_random, kept = stats(ids, masked, labels)
+    assert (labels[:, 1] == 10).all()
+    assert abs(as_mask - 0.8) < SPLIT_TOL and abs(as_random - 0.1) < SPLIT_TOL and abs(kept - 0.1) < SPLIT_TOL
+
+
 def hf_collator():
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models
