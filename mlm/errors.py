@@ -7,6 +7,7 @@ with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -53,3 +54,6 @@ def run_cli(main: Callable[[], object]) -> None:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted", code=130)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)

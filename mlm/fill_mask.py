@@ -52,7 +52,7 @@ def target_ids(tokenizer: Tokenizer, targets: str | Sequence[str]) -> list[int]:
     return ids
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def fill_mask(
     model: MaskedLM,
     tokenizer: Tokenizer,
@@ -73,7 +73,8 @@ def fill_mask(
     k = min(top_k, len(allowed)) if allowed is not None else min(top_k, model.config.vocab_size)
 
     was_training = model.training
-    model.eval()
+    if was_training:  # switching modes walks every module: only when needed
+        model.eval()
     device = next(model.parameters()).device
     results = []
     try:
@@ -105,7 +106,8 @@ def fill_mask(
                 ]
                 results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return results[0] if single_input else results
 
 
