@@ -445,7 +445,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     # --- model, optimizer, schedule, AMP
     model.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                                  eps=cfg.adam_eps, fused=device.type == "cuda")
+                                  eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     amp_dtype = DTYPES[cfg.dtype]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype != "fp32")

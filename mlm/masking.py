@@ -82,21 +82,23 @@ def row_seeds_for(seed: int, indices: torch.Tensor, epoch: int = 0) -> torch.Ten
     return _mix(base + indices.long())
 
 
-# Independent streams per (row, position): one uniform picks the token, one picks what is shown, one
-# picks the random replacement id.
-_CHOOSE, _ACTION, _TOKEN = range(3)
+# Two splitmix64 outputs per (row, position): counter 2t + 1 gives both uniforms (the choice from its
+# top 24 bits, what is shown from the next 24), counter 2t + 2 the random replacement id, computed only
+# where one is shown.
 
 
-def _hashed_draws(row_seeds: torch.Tensor, T: int, vocab_size: int) -> tuple[torch.Tensor, ...]:
-    """Uniforms and random ids that are a pure function of (row seed, position); same on CPU and CUDA."""
-    key = _mix(row_seeds.long())[None, :, None]  # (1, B, 1); mixed so seeds 0, 1, 2... are unrelated
-    pos = torch.arange(T, device=row_seeds.device)
-    counter = pos[None, None, :] * 3 + torch.arange(3, device=row_seeds.device)[:, None, None]  # (3, 1, T)
-    bits = _mix(key + (counter + 1) * _GOLDEN)  # (3, B, T): output counter + 1 of splitmix64 seeded with key
-    # The top 24 bits give a float32 in [0, 1) exactly, so comparisons agree across devices.
-    uniforms = _shr(bits[:2], 40).float() * 2.0**-24
-    token = (bits[_TOKEN] & (2**63 - 1)) % vocab_size  # bias vocab_size / 2**63: nil
-    return uniforms[_CHOOSE], uniforms[_ACTION], token
+def _hashed_uniforms(row_seeds: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u_choose, u_action), each (B, T): a pure function of (row seed, position); same on CPU and CUDA."""
+    key = _mix(row_seeds.long())[:, None]  # (B, 1); mixed so seeds 0, 1, 2... are unrelated
+    bits = _mix(key + (torch.arange(T, device=row_seeds.device) * 2 + 1) * _GOLDEN)  # (B, T)
+    # 24 bits make a float32 in [0, 1) exactly, so comparisons agree across devices.
+    return _shr(bits, 40).float() * 2.0**-24, (_shr(bits, 16) & (2**24 - 1)).float() * 2.0**-24
+
+
+def _hashed_ids(row_seeds: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Random token ids at (rows, cols), from the same keys as _hashed_uniforms."""
+    bits = _mix(_mix(row_seeds[rows].long()) + (cols * 2 + 2) * _GOLDEN)
+    return (bits & (2**63 - 1)) % vocab_size  # bias vocab_size / 2**63: nil
 
 
 def _check_args(input_ids, mask_token_id, vocab_size, mlm_probability, mask_replace_prob,
@@ -162,16 +164,16 @@ def mask_tokens(
     token_level = word_starts is None and not static
     action_scale = 1.0  # u_action is uniform on [0, action_scale)
     if row_seeds is not None:
-        u_choose, u_action, random_ids = _hashed_draws(row_seeds.to(device), T, vocab_size)
+        row_seeds = row_seeds.to(device)
+        u_choose, u_action = _hashed_uniforms(row_seeds, T)
     elif token_level:
         # Given u < p, u is uniform on [0, p) and independent of the choice, so one draw serves both
-        # decisions (its thresholds scaled by p). Random ids are drawn below, only where one is shown.
+        # decisions (its thresholds scaled by p).
         u_choose = u_action = torch.rand(B, T, generator=generator, device=device)
-        action_scale, random_ids = mlm_probability, None
+        action_scale = mlm_probability
     else:
         u_choose = torch.rand(B, T, generator=generator, device=device)
         u_action = torch.rand(B, T, generator=generator, device=device)
-        random_ids = None
 
     # A lookup table over the vocabulary (ids must be < vocab_size): one gather, cheaper than isin.
     never = sorted({int(i) for i in special_ids} | {mask_token_id})
@@ -237,10 +239,11 @@ def mask_tokens(
     show_mask = chosen & (u_action < action_scale * mask_replace_prob)
     show_random = chosen & ~show_mask & (u_action < action_scale * (mask_replace_prob + random_replace_prob))
     masked = input_ids.masked_fill(show_mask, mask_token_id)
-    if random_ids is None:
-        masked[show_random] = torch.randint(vocab_size, (int(show_random.sum()),), generator=generator, device=device)
+    rows, cols = show_random.nonzero(as_tuple=True)  # random ids are drawn only where one is shown
+    if row_seeds is not None:
+        masked[rows, cols] = _hashed_ids(row_seeds, rows, cols, vocab_size)
     else:
-        masked = torch.where(show_random, random_ids, masked)
+        masked[rows, cols] = torch.randint(vocab_size, rows.shape, generator=generator, device=device)
     labels = torch.where(chosen, input_ids, IGNORE_INDEX)
     return masked, labels
 

@@ -1,0 +1,88 @@
+"""bench.py runs every section end to end on the tiniest config and writes the JSON it promises.
+
+Speed is not asserted: timings depend on the machine and its load. What is checked is that each section
+measured both sides, that the numbers are positive and finite, that the same weights give the same
+logits, and that the targets table judges rows as it says.
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_section_writes_positive_results(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--sizes", "tiny", "--seq", "32", "--batch", "2",
+        "--dtypes", "fp32,bf16", "--steps", "1", "--warmup", "0", "--breakdown", "--calls", "1", "--calls-warmup", "0",
+        "--collator-blocks", "4", "--collator-reps", "1", "--tokenize-reps", "1", "--corpus-docs", "40",
+        "--json", str(out),
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "met?" in done.stdout  # the table was printed
+
+    report = json.loads(out.read_text())
+    env = report["environment"]
+    for key in ("device_name", "cpu", "torch", "transformers", "date", "command"):
+        assert env[key], key
+    assert env["device"] == "cpu"
+    # Both models came from one folder: their logits agree to float rounding.
+    assert report["parity_max_abs_logit_diff"]["tiny"] < 1e-4
+
+    rows = report["results"]
+    seen = {(r["section"], r["dtype"], r["metric"]) for r in rows}
+    expected = {("train", d, m) for d in ("fp32", "bf16") for m in ("throughput", "forward", "backward", "optimizer")}
+    expected |= {("infer", "fp32", "throughput"), ("infer", "bf16", "throughput"), ("fillmask", "fp32", "latency"),
+                 ("collator", None, "throughput"), ("tokenize", None, "time")}
+    assert expected <= seen, expected - seen
+    for r in rows:
+        for key in ("ours", "hf", "gain"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["section"], r["metric"], key, r[key])
+    assert {r["variant"] for r in rows if r["section"] == "collator"} == {"row seeds", "generator"}
+    fill = next(r for r in rows if r["section"] == "fillmask")
+    assert fill["extra"]["same_top_tokens"] is True  # same weights, same tokenizer: same answers
+    train = next(r for r in rows if r["section"] == "train" and r["metric"] == "throughput")
+    assert len(train["extra"]["step_seconds"]["ours"]) == len(train["extra"]["step_seconds"]["hf"]) == 1
+    tokenize = next(r for r in rows if r["section"] == "tokenize")
+    assert tokenize["extra"]["docs"] == 40 and tokenize["extra"]["tokens"] > 40
+
+
+def test_targets_judge_the_right_rows():
+    bench = load_bench()
+    row = bench.Row(section="train", size="base", seq=128, dtype="bf16", metric="throughput", unit="tokens/s",
+                    ours=130.0, hf=100.0, higher_is_better=True, device="cpu")
+    slow = bench.Row(section="fillmask", size="base", seq=23, dtype="fp32", metric="latency", unit="ms",
+                     ours=30.0, hf=40.0, higher_is_better=False, device="cpu")
+    untargeted = bench.Row(section="train", size="tiny", seq=128, dtype="fp32", metric="throughput", unit="tokens/s",
+                           ours=1.0, hf=2.0, higher_is_better=True, device="cpu")
+    bench.judge([row, slow, untargeted])
+    assert row.met is True and math.isclose(row.gain, 1.3)  # 1.3x >= 1.25x
+    assert slow.met is False and math.isclose(slow.gain, 40 / 30)  # needs latency <= 0.5x, i.e. gain >= 2
+    assert untargeted.met is None and untargeted.target is None
+    mfu = bench.Row(section="train", size="base", seq=128, dtype="bf16", metric="MFU", unit="%", ours=0.5, hf=0.2,
+                    higher_is_better=True, device="cuda")
+    bench.judge([mfu])
+    assert mfu.met is True
+
+
+def test_flops_formula():
+    bench = load_bench()
+    # bert-base: 12 layers x (4*768^2 + 2*768*3072) + 768^2 + 768*30522 matmul parameters.
+    assert bench.matmul_params("base") == 12 * (4 * 768**2 + 2 * 768 * 3072) + 768**2 + 768 * 30522
+    per_token = 6 * bench.matmul_params("base") + 12 * 12 * 768 * 128
+    assert bench.flops_per_token("base", 128, training=True) == per_token
+    assert bench.flops_per_token("base", 128, training=False) == per_token / 3
