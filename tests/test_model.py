@@ -193,3 +193,35 @@ def test_varlen_attention_equals_the_dense_mask_reference(with_docs):
     assert_close(l_var, l_dense, atol=1e-6, rtol=1e-6)
     for name in g_dense:
         assert_close(g_var[name], g_dense[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fast_dropout_statistics():
+    """Our CPU dropout: drops a fraction p (within 0.3% over 1M draws) and scales the rest by 1/(1-p)."""
+    torch.manual_seed(0)
+    from mlm.model import dropout
+
+    x = torch.ones(1_000_000)
+    y = dropout(x, 0.1, training=True)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    assert torch.equal(dropout(x, 0.1, training=False), x)
+    assert dropout(x.bfloat16(), 0.5, training=True).dtype == torch.bfloat16
+
+
+def test_cpu_attention_with_dropout_is_the_sdpa_math(monkeypatch):
+    """The written-out CPU attention (used when attention dropout is on) equals SDPA once dropout is identity."""
+    import mlm.model as model_module
+
+    ids, attention, doc_ids = varlen_inputs()
+    torch.manual_seed(0)
+    model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
+                                 max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.5))
+    with torch.no_grad():
+        expected = model.eval().encode(ids, attention, doc_ids=doc_ids)  # SDPA, no dropout
+        calls = []
+        monkeypatch.setattr(model_module, "dropout", lambda x, p, training: calls.append(p) or x)
+        got = model.train().encode(ids, attention, doc_ids=doc_ids)  # the written-out path
+    assert calls and all(p == 0.5 for p in calls if p)
+    real = attention.bool()
+    assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
