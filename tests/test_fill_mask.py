@@ -42,7 +42,7 @@ def assert_same_result(ours, ref):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fill_mask_equals_pipeline(hf_checkpoints, family):
     model, tokenizer = mlm.load_pretrained(hf_checkpoints[family])
-    results = fill_mask(model, tokenizer, TEXTS, top_k=4)  # one padded batch
+    results = mlm.fill_mask(model, tokenizer, TEXTS, top_k=4)  # the public name; one padded batch
     assert len(results) == len(TEXTS)
     for text, result in zip(TEXTS, results):
         assert_same_result(result, hf_fill(hf_checkpoints[family], text, top_k=4))

@@ -331,3 +331,11 @@ def test_row_seeds_give_same_masks_on_cpu_and_cuda():
         cuda_seeds = row_seeds_for(0, torch.arange(64, device="cuda"))
         gpu = mask_tokens(ids.cuda(), **KW, **cuda_options, row_seeds=cuda_seeds)
         assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+
+
+def test_public_name():
+    import mlm
+
+    ids = make_blocks(4, 32)
+    masked, labels = mlm.mask_tokens(ids, generator=torch.Generator().manual_seed(0), **KW)
+    assert masked.shape == labels.shape == ids.shape and (labels != IGNORE_INDEX).any()
