@@ -499,6 +499,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                 mlm.save_pretrained(raw_model, tokenizer, out / "best")
         if master:
             plot_metrics(metrics_path, out / "loss.png")
+            tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}  "
+                       f"acc {result['val_acc']:.3f}", file=sys.stderr)
         return result
 
     # --- the loop, after a baseline evaluation (perplexity before any update)
@@ -565,21 +567,17 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                 log({"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm_value,
                      "epoch": round(plan.epoch(done), 4), "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-            result = run_eval(done)
-            if master:
-                tqdm.write(f"step {done}: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}  "
-                           f"acc {result['val_acc']:.3f}", file=sys.stderr)
+            run_eval(done)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
             checkpoint(done)
     bar.close()
 
     # --- the end: evaluate, checkpoint, export, and show what the model learned
-    result = run_eval(cfg.max_steps)
+    run_eval(cfg.max_steps)
     checkpoint(cfg.max_steps)
     if master:
         mlm.save_pretrained(raw_model, tokenizer, out / "final")
-        print(f"final: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}  acc {result['val_acc']:.3f}"
-              f"  -> {out / 'final'}", file=sys.stderr)
+        print(f"exported {out / 'final'} (best validation loss at step {best_step}: {out / 'best'})", file=sys.stderr)
         if cfg.example:
             print(f"\n{cfg.example}")
             for c in fill_mask(raw_model, tokenizer, cfg.example, top_k=5):
