@@ -521,8 +521,10 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
             ids, labels = mask_tokens(batch["input_ids"], row_seeds=row_seeds_for(cfg.seed, torch.from_numpy(positions)),
                                       attention_mask=batch["attention_mask"], static=static,
                                       word_starts=batch["word_starts"] if cfg.whole_word_mask else None, **masking)
-            micro_batches.append((ids, batch["attention_mask"], labels, batch["doc_ids"] if cfg.doc_attention else None))
-            tokens_seen += int(batch["attention_mask"].sum()) * world
+            # Training blocks are always full (the remainder is dropped): no attention mask, which lets
+            # SDPA pick FlashAttention on a GPU instead of a masked kernel.
+            micro_batches.append((ids, None, labels, batch["doc_ids"] if cfg.doc_attention else None))
+            tokens_seen += len(blocks) * cfg.block_size * world
         masked_here = torch.stack([(labels != -100).sum() for _, _, labels, _ in micro_batches]).sum()
         masked_total = all_reduce_sum(masked_here.double(), world)
 
