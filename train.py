@@ -92,6 +92,7 @@ class TrainConfig:
     resume: bool = False
     device: str = ""  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
     example: str = "Return a [MASK] of the items in the list."  # fill-mask shown at the end
+    preset: str = "tiny"  # the preset these settings started from (--preset)
 
 
 PRESETS: dict[str, dict] = {
@@ -129,11 +130,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < preset < TOML file < flags. Unknown keys are errors, not silently ignored."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Every flag is a field of TrainConfig (train.py) or ModelConfig (mlm/model.py); the comment beside "
+               "each field says what it does. Booleans also take --no-NAME.")
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--config", help="TOML file of settings ([model] table for model fields)")
     for name, f in {**fields, **model_fields}.items():
-        if name in ("model", "family") and f in fields.values():
+        if name in ("model", "preset") and name in fields:  # a dict, and the flag above
             continue
         flag = "--" + name.replace("_", "-")
         if f.type in ("bool",):
@@ -149,6 +153,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if args.preset not in PRESETS:
         raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     settings: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[args.preset].items()}
+    settings["preset"] = args.preset
     if args.config:
         try:
             loaded = tomllib.loads(Path(args.config).read_text())
@@ -174,7 +179,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if "betas" in settings:
         settings["betas"] = tuple(settings["betas"])
     cfg = TrainConfig(**settings)
-    cfg.preset = args.preset  # type: ignore[attr-defined]  # recorded in checkpoints
     if args.preset in NEEDS_INIT and not cfg.init:
         raise ConfigError(f"preset {args.preset!r} continues a pretrained model: pass --init MODEL_DIR")
     if cfg.dtype not in DTYPES:
