@@ -879,13 +879,13 @@ class BatchPlan:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         if global_batch % world_size:
             raise ConfigError(
-                f"global batch {global_batch} is not a multiple of world size {world_size}; change --batch-size"
+                f"global batch {global_batch} is not a multiple of world size {world_size}; change --global-batch-size"
             )
         micro_batch = micro_batch or global_batch // world_size
         if micro_batch < 1 or global_batch % (world_size * micro_batch):
             raise ConfigError(
                 f"global batch {global_batch} is not a multiple of world size {world_size} x micro batch "
-                f"{micro_batch} = {world_size * micro_batch}; change --batch-size or --micro-batch-size"
+                f"{micro_batch} = {world_size * micro_batch}; change --global-batch-size or --micro-batch-size"
             )
         if num_blocks < 1:
             raise DataError("there are no blocks to train on; use more data or a smaller block size")

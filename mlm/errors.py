@@ -41,8 +41,9 @@ class ConfigError(MLMError):
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit; used by the CLIs only."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is."""
+    rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    print(f"error{rank}: {message}", file=sys.stderr)
     sys.exit(code)
 
 

@@ -242,3 +242,13 @@ def test_dataset_of_another_vocabulary_is_refused(dataset, hf_checkpoints, tmp_p
     result = run_train("--init", hf_checkpoints["bert"], "--data", dataset, "--max-steps", "2", "--out", tmp_path / "r")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the dataset's vocabulary has 600 tokens but this model/tokenizer has" in result.stderr
+
+
+def test_world_size_that_does_not_divide_the_global_batch(dataset, tmp_path):
+    result = run_train("--data", dataset, *TINY, "--max-steps", "2", "--global-batch-size", "3",
+                       "--out", tmp_path / "run", nproc=2)
+    assert result.returncode != 0
+    for rank in (0, 1):  # each rank's own line comes before torchrun's report
+        assert (f"error (rank {rank}): global batch 3 is not a multiple of world size 2; "
+                "change --global-batch-size") in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
