@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from mlm.errors import ConfigError, DataError
+from mlm.masking import row_seeds_for
 from mlm.tokenizer import DEFAULT_SPECIALS, ROLES, Tokenizer, build_byte_level_bpe, build_wordpiece
 
 FORMAT_VERSION = 1
@@ -55,6 +56,7 @@ REMAINDERS = ("drop", "pad")
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 REPLACEMENT = "\ufffd"  # what errors="replace" puts where bytes are not UTF-8
 CACHE_ENV = "MLM_CACHE"
+SPLIT_STREAM = -2  # row_seeds_for epoch of the train/val split (training epochs are >= 0, eval masks -1)
 
 
 # ================================================================================ 1. reading a corpus
@@ -432,19 +434,11 @@ def split_is_val(seed: int, doc_index: np.ndarray, val_fraction: float) -> np.nd
     """Whether each document goes to validation: a hash of (seed, doc index) below val_fraction.
 
     Stateless, so the split of document i never depends on batching, other documents, or the machine.
-    The hash is splitmix64's finaliser, in uint64 arithmetic that wraps on purpose.
+    The hash is the one that seeds masks (`mlm.masking.row_seeds_for`), on a stream of its own.
     """
-    def mix(z: np.ndarray) -> np.ndarray:
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):
-        key = mix(np.array([seed & ((1 << 64) - 1)], dtype=np.uint64) + golden)
-        z = mix(key + np.asarray(doc_index, dtype=np.uint64) * golden)
-    uniform = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # [0, 1) from the top 53 bits
-    return uniform < val_fraction
+    z = row_seeds_for(seed, torch.from_numpy(np.asarray(doc_index, dtype=np.int64)), epoch=SPLIT_STREAM)
+    uniform = ((z >> 11) & ((1 << 53) - 1)).double() / 2**53  # [0, 1) from the top 53 bits
+    return (uniform < val_fraction).numpy()
 
 
 def encode_documents(tokenizer: Tokenizer, docs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
