@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -357,13 +356,3 @@ def save_pretrained(model: MaskedLM, tokenizer: Tokenizer | None, path: str | os
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    """ModelConfig as plain data, for training checkpoints."""
-    return asdict(cfg)
-
-
-def config_from_dict(data: dict) -> ModelConfig:
-    known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in known})
