@@ -59,6 +59,7 @@ from mlm.data import Corpus, PackedBlocks, default_corpus, prepare, train_tokeni
 from mlm.fill_mask import fill_mask
 from mlm.hf import load_model
 from mlm.masking import mask_tokens, row_seeds_for
+from mlm.model import DTYPES
 from mlm.tokenizer import TOKENIZER_FILES, Tokenizer
 
 SECTIONS = ("train", "infer", "fillmask", "collator", "tokenize")
@@ -248,7 +249,7 @@ def random_batches(n: int, batch: int, seq: int, device: torch.device, seed: int
 def autocast_for(device: torch.device, dtype: str):
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
 def matmul_params(size: str) -> int:

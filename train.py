@@ -42,7 +42,7 @@ from mlm.errors import CheckpointError, ConfigError, MLMError, run_cli
 from mlm.fill_mask import fill_mask
 from mlm.hf import check_device, load_model
 from mlm.masking import mask_eval_blocks, mask_tokens, row_seeds_for
-from mlm.model import MaskedLM, ModelConfig
+from mlm.model import DTYPES, MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
 
 
@@ -122,7 +122,6 @@ PRESETS: dict[str, dict] = {
     "minilm": dict(block_size=128, global_batch_size=32, lr=1e-4, max_steps=200, warmup=20, eval_every=50),
 }
 NEEDS_INIT = ("imdb", "eli5", "minilm")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ============================================================================================ config
@@ -529,8 +528,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
             # SDPA pick FlashAttention on a GPU instead of a masked kernel.
             micro_batches.append((ids, None, labels, batch["doc_ids"] if cfg.doc_attention else None))
             tokens_seen += len(blocks) * cfg.block_size * world
-        masked_here = torch.stack([(labels != -100).sum() for _, _, labels, _ in micro_batches]).sum()
-        masked_total = all_reduce_sum(masked_here.double(), world)
+        masked_counts = [(labels != -100).sum() for _, _, labels, _ in micro_batches]
+        masked_total = all_reduce_sum(torch.stack(masked_counts).sum().double(), world)
 
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for i, (ids, attention, labels, doc_ids) in enumerate(micro_batches):
@@ -541,7 +540,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                     mean_loss = model(ids, attention_mask=attention, labels=labels, doc_ids=doc_ids,
                                       max_predictions=max_predictions)
                 # Sum of token losses over the global count; DDP averages over ranks, so scale by world back.
-                loss = mean_loss * (labels != -100).sum() / masked_total * world
+                loss = mean_loss * masked_counts[i] / masked_total * world
                 scaler.scale(loss).backward()
             step_loss += loss.detach().double() / world
 

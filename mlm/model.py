@@ -24,6 +24,7 @@ from kernels import linear_cross_entropy
 from mlm.errors import ConfigError, InputError
 
 FAMILIES = ("bert", "roberta", "distilbert")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names the CLIs take
 # The varlen path uses jagged nested tensors, the layout PyTorch develops; its CPU attention fallback
 # still says the older layout is a prototype, on every first call.
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
