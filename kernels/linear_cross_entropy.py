@@ -50,6 +50,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import cpu_linear
+
 try:
     import triton
     import triton.language as tl
@@ -67,13 +69,15 @@ def linear_cross_entropy_ref(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     ignore_index: int = -100,
+    linear=F.linear,
 ) -> torch.Tensor:
     """Plain PyTorch: logits in the input dtype, cross-entropy in fp32, mean over non-ignored rows.
 
     hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) -> scalar fp32 loss. With no rows
     to count (N = 0 or all ignored) the loss is 0.0 rather than F.cross_entropy's 0/0 = NaN.
+    linear computes the logits: the dispatcher passes cpu_linear.linear, F.linear on the CPU by oneDNN.
     """
-    logits = F.linear(hidden, weight, bias)  # (N, V)
+    logits = linear(hidden, weight, bias)  # (N, V)
     total = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
     return total / (targets != ignore_index).sum().clamp(min=1)
 
@@ -270,7 +274,7 @@ def linear_cross_entropy(
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         use_triton = triton is not None and (hidden.is_cuda or interpret)
     if not use_triton:
-        return linear_cross_entropy_ref(hidden, weight, bias, targets, ignore_index)
+        return linear_cross_entropy_ref(hidden, weight, bias, targets, ignore_index, linear=cpu_linear.linear)
     if triton is None:
         raise RuntimeError("use_triton=True needs triton: pip install triton, or pass use_triton=None")
     return _fused(hidden, weight, bias, targets, ignore_index, chunk_size)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import linear_cross_entropy
+from kernels import linear, linear_cross_entropy
 from mlm.errors import ConfigError, InputError
 
 FAMILIES = ("bert", "roberta", "distilbert")
@@ -87,6 +87,13 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose fp32 CPU matmuls go to oneDNN: see kernels/cpu_linear.py."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
@@ -126,8 +133,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.dropout = cfg.attention_dropout
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None) -> torch.Tensor:
         p_drop = self.dropout if self.training else 0.0
@@ -175,8 +182,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(cfg)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.act = ACTIVATIONS[cfg.hidden_act]
         # DistilBERT adds the attention output to the residual without dropout; BERT and RoBERTa drop it.
@@ -194,7 +201,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.act = ACTIVATIONS[cfg.head_act]
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # the decoder's own bias, not tied to anything
@@ -284,7 +291,7 @@ class MaskedLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) for hidden states (..., C): any subset of rows, or all of them."""
-        return F.linear(self.head.transform(hidden), self.embeddings.word.weight, self.head.bias)
+        return linear(self.head.transform(hidden), self.embeddings.word.weight, self.head.bias)
 
     def forward(
         self,

@@ -1,0 +1,86 @@
+"""fp32 linear layers on the CPU through oneDNN's GEMM instead of the BLAS behind `F.linear`.
+
+PyTorch's CPU build sends an fp32 `F.linear` to Intel MKL's sgemm, and only bf16/fp16 to oneDNN
+(which it also ships, as MKL-DNN). On AMD CPUs MKL does not take its fastest code path: on the Zen 5
+machine this project is developed on, oneDNN's fp32 GEMM runs the same products 2-2.5x faster, from a
+(1, 768) x (768, 30522) fill-mask head row to a (1024, 768) x (768, 3072) training matmul, forward and
+both backward products alike (BENCHMARKS.md). On Intel CPUs the two libraries are close.
+
+It is the same computation: fp32 inputs, fp32 accumulation, only the blocking (the order of the
+additions) differs, so results agree with `F.linear` to fp32 rounding (about 1e-6 relative); the tests
+hold forward and gradients to the reference on awkward shapes.
+
+The entry point is `torch.ops.mkldnn._linear_pointwise`, the op TorchInductor itself emits for CPU
+linear layers. It has no autograd formula, so `_OneDNNLinear` supplies one from the same op:
+
+    y = x @ W.T + b      grad_x = g @ W      grad_W = g.T @ x      grad_b = g.sum(0)
+
+each product written as `_linear_pointwise(a, b) = a @ b.T` with transposed views, which oneDNN
+reads without a copy.
+
+`linear` falls back to `linear_ref` (plain `F.linear`) wherever this does not apply: other devices,
+other dtypes, CPU autocast (which already routes bf16 matmuls to oneDNN), inside torch.compile (which
+chooses its own kernels), builds without oneDNN, or `MLM_ONEDNN_LINEAR=0` in the environment.
+
+Shapes: M rows, K input features, N output features.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+_op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+linear_ref = F.linear  # what the fast path must equal, up to fp32 rounding
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (N, K).T + bias -> (M, N), by oneDNN; a and b may be transposed views."""
+    return _op(a, b, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (M, K)
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        return _gemm(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])  # (..., N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _gemm(g, weight.t()).view(*grad.shape[:-1], weight.shape[1])  # (M, N) @ (N, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = _gemm(g.t(), rows.t())  # (N, M) @ (M, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes the oneDNN path for these tensors (see the module docstring)."""
+    return (
+        _op is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() > 0
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and os.environ.get("MLM_ONEDNN_LINEAR", "1") != "0"
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`: x (..., K), weight (N, K), bias (N,) -> (..., N), by oneDNN where it applies."""
+    if not applies(x, weight):
+        return linear_ref(x, weight, bias)
+    return _OneDNNLinear.apply(x, weight, bias)
