@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mlm.errors import InputError
+from mlm import masking
 from mlm.masking import IGNORE_INDEX, _mix, mask_eval_blocks, mask_tokens, preview, row_seeds_for
 
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -79,6 +80,38 @@ def test_rate_and_split(kind, mask_p, random_p):
 
 
 @pytest.mark.parametrize("kind", ["generator", "row_seeds"])
+def test_choices_are_independent_bernoullis(kind):
+    """Per row, the count of chosen tokens is Binomial(candidates, 0.15): right mean and right variance (a
+    sampler that correlated positions, or lost some at row ends, would move the variance); and every
+    column is chosen at the same rate, the first and last ones included."""
+    ids = torch.randint(5, V, (4000, 128), generator=torch.Generator().manual_seed(3))  # no specials: 128 candidates
+    chosen = mask_tokens(ids, **KW, **randomness(kind, 4000), min_one=False)[1] != IGNORE_INDEX
+    per_row = chosen.sum(dim=1).double()
+    mean, var = 128 * 0.15, 128 * 0.15 * 0.85  # 19.2 and 16.3
+    assert per_row.mean().item() == pytest.approx(mean, abs=0.1)  # sd of the mean 0.064
+    assert per_row.var().item() == pytest.approx(var, rel=0.1)  # sd of the variance ~2.3%
+    per_column = chosen.double().mean(dim=0)  # sd 0.0056 per column
+    assert (per_column - 0.15).abs().max().item() < 0.03
+    for edge in (per_column[:8], per_column[-8:]):
+        assert edge.mean().item() == pytest.approx(0.15, abs=0.01)
+
+
+@pytest.mark.parametrize("n, p", [(1, 0.5), (37, 0.15), (5000, 0.15), (100_000, 0.01), (2000, 0.99)])
+def test_bernoulli_positions_even_when_the_first_draw_runs_short(monkeypatch, n, p):
+    """The gap sampler behind the generator path, forced to draw too few gaps so that it loops."""
+    monkeypatch.setattr(masking, "_GAP_MARGIN", -10.0)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(n)
+    reps = min(2000, max(20, 200_000 // n))
+    for _ in range(reps):
+        positions = masking._bernoulli_positions(n, p, g, torch.device("cpu"))
+        assert positions.dtype == torch.long
+        assert ((positions >= 0) & (positions < n)).all() and (positions.diff() > 0).all()  # sorted, distinct
+        counts[positions] += 1
+    assert counts.sum().item() / (n * reps) == pytest.approx(p, abs=4 * (p * (1 - p) / (n * reps)) ** 0.5 + 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["generator", "row_seeds"])
 def test_random_replacements_uniform_over_whole_vocab(kind):
     masked, labels = mask_tokens(BIG, **KW, mask_replace_prob=0.0, random_replace_prob=1.0,
                                  **randomness(kind, len(BIG)))
@@ -93,8 +126,9 @@ def test_random_replacements_uniform_over_whole_vocab(kind):
 WORD_AND_STATIC = [{}, {"static": True}, {"word_starts": True}, {"word_starts": True, "static": True}]
 
 
+@pytest.mark.parametrize("kind", ["generator", "row_seeds"])
 @pytest.mark.parametrize("options", WORD_AND_STATIC)
-def test_invariants(options):
+def test_invariants(options, kind):
     ids = make_blocks(64, 96, seed=1, max_pad=50)
     attention_mask = (ids != PAD).long()
     attention_mask[:, 1:6] = 0  # positions a caller hides; they must never be chosen either
@@ -103,7 +137,7 @@ def test_invariants(options):
         options = {**options, "word_starts": make_word_starts(ids)}
     for seed in range(20):
         masked, labels = mask_tokens(ids, **KW, **options, attention_mask=attention_mask,
-                                     row_seeds=row_seeds_for(seed, torch.arange(64)))
+                                     **randomness(kind, 64, seed=seed))
         chosen = labels != IGNORE_INDEX
         assert torch.equal(ids, before)  # the input is never modified
         assert not chosen[~candidates(ids) | (attention_mask == 0)].any()
