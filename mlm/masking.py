@@ -67,19 +67,26 @@ _MUL1 = _i64(0xBF58476D1CE4E5B9)
 _MUL2 = _i64(0x94D049BB133111EB)
 
 
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bits."""
-    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
+def _shr(z: torch.Tensor, s: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Logical right shift of int64 bits, into `out` if given."""
+    return torch.bitwise_right_shift(z, s, out=out).bitwise_and_((1 << (64 - s)) - 1)
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place: a bijection on 64 bits where every input bit flips about half the
+    output. One scratch tensor: fresh memory costs page faults at batch sizes, more than the arithmetic."""
+    scratch = _shr(z, 30)
+    z ^= scratch
+    z *= _MUL1
+    z ^= _shr(z, 27, out=scratch)
+    z *= _MUL2
+    z ^= _shr(z, 31, out=scratch)
+    return z
 
 
 def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser: a bijection on 64 bits where every input bit flips about half the output."""
-    z = z ^ _shr(z, 30)  # a new tensor, so the in-place steps below never touch the caller's
-    z *= _MUL1
-    z ^= _shr(z, 27)
-    z *= _MUL2
-    z ^= _shr(z, 31)
-    return z
+    """splitmix64's finaliser on a copy of z."""
+    return _mix_(z.clone())
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,7 +101,7 @@ def row_seeds_for(seed: int, indices: torch.Tensor, epoch: int = 0) -> torch.Ten
 
     Mixing after each ingredient keeps nearby triples (seed, epoch, i) and (seed, epoch, i + 1) unrelated.
     """
-    return _mix(indices.long() + _stream_key(seed, epoch))
+    return _mix_(indices.long() + _stream_key(seed, epoch))
 
 
 # Two splitmix64 outputs per (row, position): counter 2t + 1 gives both uniforms (the choice from its
@@ -106,7 +113,7 @@ def row_seeds_for(seed: int, indices: torch.Tensor, epoch: int = 0) -> torch.Ten
 
 def _hash(keys: torch.Tensor, cols: torch.Tensor, counter: int) -> torch.Tensor:
     """splitmix64 of (row key, position t) at counter 2t + counter; keys and cols broadcast together."""
-    return _mix(keys + (cols * 2 + counter) * _GOLDEN)
+    return _mix_(keys + (cols * 2 + counter) * _GOLDEN)
 
 
 def _u_choose(bits: torch.Tensor) -> torch.Tensor:
@@ -132,13 +139,22 @@ def _bernoulli_positions(n: int, p: float, generator: torch.Generator | None, de
     while True:
         mean = (n - start) * p
         draws = max(16, int(mean + _GAP_MARGIN * (mean * (1 - p)) ** 0.5) + 16)
-        v = 1.0 - torch.rand(draws, generator=generator, device=device)  # (0, 1]
-        gaps = (torch.log(v) * (1.0 / math.log1p(-p))).floor_().long() + 1
-        positions = gaps.cumsum(0) + (start - 1)
-        found.append(positions.masked_select(positions < n))
+        log_v = torch.rand(draws, generator=generator, device=device).neg_().log1p_()  # log(v), v = 1 - u in (0, 1]
+        gaps = log_v.mul_(1.0 / math.log1p(-p)).floor_().long().add_(1)
+        positions = gaps.cumsum(0).add_(start - 1)  # sorted, so the ones below n are a prefix
+        found.append(positions[: int(torch.searchsorted(positions, n))])
         start = int(positions[-1]) + 1
         if start >= n:
             return torch.cat(found) if len(found) > 1 else found[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _ordinary_ids(vocab_size: int, never: frozenset[int], device: torch.device) -> torch.Tensor:
+    """A lookup table over the vocabulary, True for the ids that may be chosen: one gather per token, cheaper
+    than isin. Cached, so a training loop builds it once; nothing writes to it."""
+    table = torch.ones(max(vocab_size, max(never) + 1), dtype=torch.bool, device=device)
+    table[sorted(never)] = False
+    return table
 
 
 def _check_args(input_ids, mask_token_id, vocab_size, mlm_probability, mask_replace_prob,
@@ -202,16 +218,13 @@ def mask_tokens(
     device = input_ids.device
     flat_ids = input_ids.reshape(-1)  # (B*T,); positions below are flat indices row * T + column
     flat_attention = None if attention_mask is None else attention_mask.reshape(-1).to(device)
-    # A lookup table over the vocabulary (ids must be < vocab_size): one gather, cheaper than isin.
-    never = sorted({int(i) for i in special_ids} | {mask_token_id})
-    special = torch.zeros(max(vocab_size, never[-1] + 1), dtype=torch.bool, device=device)
-    special[never] = True
+    ordinary = _ordinary_ids(vocab_size, frozenset(int(i) for i in special_ids) | {mask_token_id}, device)
 
     # index_select, masked_select and scatter_ below rather than indexing syntax: they do the same
     # and are about twice as fast on the CPU, which matters at ~5k positions per batch.
     def is_candidate(flat: torch.Tensor) -> torch.Tensor:
         """Whether the tokens at these flat positions may be chosen: not special, not hidden by attention_mask."""
-        ok = ~special.index_select(0, flat_ids.index_select(0, flat.reshape(-1))).view(flat.shape)
+        ok = ordinary.index_select(0, flat_ids.index_select(0, flat.reshape(-1))).view(flat.shape)
         return ok if flat_attention is None else ok & flat_attention[flat].bool()
 
     columns = torch.arange(T, device=device)
@@ -229,7 +242,9 @@ def mask_tokens(
             chosen = (_shr(bits, 40) < math.ceil(mlm_probability * 2**24)).nonzero().squeeze(1)
         chosen = chosen.masked_select(is_candidate(chosen))
         if min_one:
-            has_target = torch.zeros(B, dtype=torch.bool, device=device).scatter_(0, chosen // T, True)
+            # chosen is sorted: row b's targets are those between its first and its last flat position.
+            row_starts = torch.searchsorted(chosen, torch.arange(B + 1, device=device) * T)  # (B + 1,)
+            has_target = row_starts[1:] > row_starts[:-1]  # (B,)
             if not has_target.all():  # rare at realistic lengths: the rescue is a uniformly random candidate
                 empty = (~has_target).nonzero().squeeze(1)  # (E,) rows with nothing chosen
                 flat = empty[:, None] * T + columns  # (E, T)
