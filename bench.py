@@ -11,6 +11,9 @@ Sections (`--only`, default all):
   fillmask  one sentence through mlm.fill_mask vs transformers.pipeline("fill-mask"), latency.
   collator  mlm.masking.mask_tokens vs DataCollatorForLanguageModeling, blocks/s.
   tokenize  mlm.data.prepare + reading every block vs the bare `tokenizers` encode_batch, seconds.
+  kernels   each kernel in kernels/ vs its plain-PyTorch reference at bert-base's shapes, forward +
+            backward: on the CPU the oneDNN linear vs F.linear; on CUDA the fused decoder +
+            cross-entropy vs the reference (time and peak memory).
 
 Fairness. Both models are loaded from one folder that `transformers` saved (a seeded random BertConfig
 of the chosen size), see identical batches (random ids, 15% of them labelled by mask_tokens, no padding),
@@ -55,6 +58,7 @@ import numpy as np
 import torch
 
 import mlm
+from kernels import cpu_linear, linear_cross_entropy, linear_cross_entropy_ref, triton_available
 from mlm.data import Corpus, PackedBlocks, default_corpus, prepare, train_tokenizer
 from mlm.fill_mask import fill_mask
 from mlm.hf import load_model
@@ -62,7 +66,7 @@ from mlm.masking import mask_tokens, row_seeds_for
 from mlm.model import DTYPES
 from mlm.tokenizer import TOKENIZER_FILES, Tokenizer
 
-SECTIONS = ("train", "infer", "fillmask", "collator", "tokenize")
+SECTIONS = ("train", "infer", "fillmask", "collator", "tokenize", "kernels")
 VOCAB_SIZE = 30522  # bert-base-uncased's, so the real tokenizer fits every size
 # BertConfig fields per size; everything else is BertConfig's default (BERT's own values).
 SIZES = {
@@ -491,6 +495,57 @@ def bench_tokenize(args, folder: Path) -> list[Row]:
     return times.stamp([row])
 
 
+def bench_kernels(args, device: torch.device) -> list[Row]:
+    """Each kernel against its reference, forward + backward, on bert-base's shapes and one micro-batch."""
+    g = torch.Generator().manual_seed(0)
+    tokens = args.batch_for(128) * 128
+    rows = []
+
+    def fwd_bwd(fn, inputs, grad=None):
+        out = fn(*inputs)
+        out.backward(grad)
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                t.grad = None
+
+    if device.type == "cpu":
+        for K, N, where in ((768, 2304, "QKV"), (768, 3072, "MLP in"), (3072, 768, "MLP out")):
+            inputs = [torch.randn(tokens, K, generator=g).requires_grad_(),
+                      (torch.randn(N, K, generator=g) * K**-0.5).requires_grad_(), torch.zeros(N, requires_grad=True)]
+            grad = torch.randn(tokens, N, generator=g)
+            times = alternate({"ours": lambda i: fwd_bwd(cpu_linear.linear, inputs, grad),
+                               "hf": lambda i: fwd_bwd(cpu_linear.linear_ref, inputs, grad)}, args.calls, 2, lambda: None)
+            rows += times.stamp([
+                Row(section="kernels", size="base", seq=128, dtype="fp32", metric="time", unit="ms",
+                    variant=f"linear {where}, {tokens}x{K} @ {K}x{N}", ours=1e3 * times.median("ours"),
+                    hf=1e3 * times.median("hf"), higher_is_better=False, device="cpu", batch=tokens // 128)])
+    if device.type == "cuda" and triton_available():
+        n, V, D = int(0.15 * tokens), VOCAB_SIZE, 768  # the masked rows of one micro-batch
+        inputs = [torch.randn(n, D, device=device, dtype=torch.bfloat16).requires_grad_(),
+                  (torch.randn(V, D, device=device) * D**-0.5).bfloat16().requires_grad_(),
+                  torch.zeros(V, device=device, dtype=torch.bfloat16, requires_grad=True),
+                  torch.randint(0, V, (n,), device=device)]
+        peaks = {}
+
+        def run(fn, name):
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fwd_bwd(fn, inputs)
+            peaks[name] = torch.cuda.max_memory_allocated(device) - before
+
+        times = alternate({"ours": lambda i: run(lambda *a: linear_cross_entropy(*a, use_triton=True), "ours"),
+                           "hf": lambda i: run(linear_cross_entropy_ref, "hf")}, args.calls, 3, synchronizer(device))
+        key = dict(section="kernels", size="base", seq=128, dtype="bf16", device="cuda", batch=tokens // 128,
+                   variant=f"linear + cross-entropy, {n}x{D} @ {D}x{V}")
+        rows += times.stamp([
+            Row(metric="time", unit="ms", ours=1e3 * times.median("ours"), hf=1e3 * times.median("hf"),
+                higher_is_better=False, **key),
+            Row(metric="peak memory", unit="MiB", ours=peaks["ours"] / 2**20, hf=peaks["hf"] / 2**20,
+                higher_is_better=False, **key),
+        ])
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ report
 def judge(rows: list[Row]) -> None:
     for row in rows:
@@ -526,8 +581,9 @@ def print_table(rows: list[Row]) -> None:
         if n == 0:
             print("  ".join("-" * w for w in widths))
     print("gain = ours/HF for tokens/s, blocks/s and MFU; HF/ours for latency, time, memory and phase times.\n"
-          "tokenize's reference is the bare tokenizers encode_batch. others' CPU = share of all cores that other\n"
-          "processes used during the timed repetitions: well above 0%, the machine was shared and timings are skewed.")
+          "tokenize's reference is the bare tokenizers encode_batch; kernels' the plain PyTorch beside each kernel.\n"
+          "others' CPU = share of all cores that other processes used during the timed repetitions: well above 0%,\n"
+          "the machine was shared and timings are skewed.")
 
 
 def cpu_model() -> str:
@@ -666,6 +722,9 @@ def main(argv=None) -> list[Row]:
         if "tokenize" in args.only:
             print("tokenize ...", flush=True)
             rows += bench_tokenize(args, tokenizer_dir)
+        if "kernels" in args.only:
+            print("kernels ...", flush=True)
+            rows += bench_kernels(args, device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -28,7 +28,7 @@ def test_every_section_writes_positive_results(tmp_path):
     command = [
         sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--sizes", "tiny", "--seq", "32", "--batch", "2",
         "--dtypes", "fp32,bf16", "--steps", "1", "--warmup", "0", "--breakdown", "--calls", "1", "--calls-warmup", "0",
-        "--collator-blocks", "4", "--collator-reps", "1", "--tokenize-reps", "1", "--corpus-docs", "40",
+        "--collator-blocks", "4", "--collator-reps", "1", "--collator-burst", "2", "--tokenize-reps", "1", "--corpus-docs", "40",
         "--json", str(out),
     ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -47,7 +47,7 @@ def test_every_section_writes_positive_results(tmp_path):
     seen = {(r["section"], r["dtype"], r["metric"]) for r in rows}
     expected = {("train", d, m) for d in ("fp32", "bf16") for m in ("throughput", "forward", "backward", "optimizer")}
     expected |= {("infer", "fp32", "throughput"), ("infer", "bf16", "throughput"), ("fillmask", "fp32", "latency"),
-                 ("collator", None, "throughput"), ("tokenize", None, "time")}
+                 ("collator", None, "throughput"), ("tokenize", None, "time"), ("kernels", "fp32", "time")}
     assert expected <= seen, expected - seen
     for r in rows:
         for key in ("ours", "hf", "gain"):
