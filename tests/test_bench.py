@@ -77,6 +77,11 @@ def test_targets_judge_the_right_rows():
                     higher_is_better=True, device="cuda")
     bench.judge([mfu])
     assert mfu.met is True
+    # The collator target is like for like: HF's collator against ours with a generator, not with row seeds.
+    collators = [bench.Row(section="collator", size=None, seq=128, dtype=None, metric="throughput", unit="blocks/s",
+                           ours=41.0, hf=1.0, higher_is_better=True, variant=v) for v in ("generator", "row seeds")]
+    bench.judge(collators)
+    assert collators[0].met is True and collators[1].target is None
 
 
 def test_flops_formula():
