@@ -646,7 +646,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--foreach-adamw", action="store_true",
                    help="torch's foreach AdamW for both instead of the fused one (the default, as in train.py)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for MFU")
-    p.add_argument("--calls", type=int, default=30, help="fill-mask: timed calls per side")
+    p.add_argument("--calls", type=int, default=30, help="fill-mask and kernels: timed calls per side")
     p.add_argument("--calls-warmup", type=int, default=3, help="fill-mask: untimed calls per side")
     p.add_argument("--collator-blocks", type=int, default=256, help="collator: blocks of 128 tokens per call")
     p.add_argument("--collator-reps", type=int, default=10, help="collator: timed bursts per side")

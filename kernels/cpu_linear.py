@@ -4,7 +4,8 @@ PyTorch's CPU build sends an fp32 `F.linear` to Intel MKL's sgemm, and only bf16
 (which it also ships, as MKL-DNN). On AMD CPUs MKL does not take its fastest code path: on the Zen 5
 machine this project is developed on, oneDNN's fp32 GEMM runs the same products 2-2.5x faster, from a
 (1, 768) x (768, 30522) fill-mask head row to a (1024, 768) x (768, 3072) training matmul, forward and
-both backward products alike (BENCHMARKS.md). On Intel CPUs the two libraries are close.
+both backward products alike (BENCHMARKS.md). On Intel CPUs, where MKL takes its fast path, the
+difference should be small (not measured here).
 
 It is the same computation: fp32 inputs, fp32 accumulation, only the blocking (the order of the
 additions) differs, so results agree with `F.linear` to fp32 rounding (about 1e-6 relative); the tests
@@ -15,8 +16,8 @@ linear layers. It has no autograd formula, so `_OneDNNLinear` supplies one from 
 
     y = x @ W.T + b      grad_x = g @ W      grad_W = g.T @ x      grad_b = g.sum(0)
 
-each product written as `_linear_pointwise(a, b) = a @ b.T` with transposed views, which oneDNN
-reads without a copy.
+each product written as `_linear_pointwise(a, b) = a @ b.T` with transposed views; where oneDNN needs
+another memory layout it reorders internally, and the timings in BENCHMARKS.md include that.
 
 `linear` falls back to `linear_ref` (plain `F.linear`) wherever this does not apply: other devices,
 other dtypes, CPU autocast (which already routes bf16 matmuls to oneDNN), inside torch.compile (which
@@ -32,7 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-_op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 linear_ref = F.linear  # what the fast path must equal, up to fp32 rounding
 
 

@@ -102,7 +102,7 @@ def test_falls_back_to_f_linear_where_it_does_not_apply(monkeypatch):
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
-def test_compiled_model_uses_the_compilers_kernels(monkeypatch):
+def test_inside_torch_compile_the_reference_is_traced(monkeypatch):
     """Inside torch.compile the oneDNN op is not traced: the compiler picks its own (same fullgraph as before)."""
     monkeypatch.setattr(cpu_linear, "_gemm", lambda *a: (_ for _ in ()).throw(AssertionError("traced _gemm")))
     x, w, b = (t.detach() for t in leaves((4,), 8, 6))
