@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
+import gc
 import importlib.util
 import itertools
 import json
@@ -290,6 +292,35 @@ def peak_flops(device: torch.device, dtype: str, override: float | None) -> floa
     return None
 
 
+def cpu_transient_bytes(fn: Callable[[], object]) -> int | None:
+    """The most resident memory fn() added on the CPU, from Linux's peak-RSS counter; None elsewhere.
+
+    Freed memory is first handed back to the kernel (malloc_trim), so that fn's allocations show in the
+    resident set instead of reusing pages an earlier step left behind; then the peak is reset to the
+    current resident size (writing 5 to /proc/self/clear_refs) and read again after fn.
+    """
+    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    if not (status.is_file() and clear.exists() and hasattr(libc, "malloc_trim")):
+        return None
+
+    def kib(field: str) -> int:
+        return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
+
+    gc.collect()
+    libc.malloc_trim(0)
+    try:
+        clear.write_text("5")
+    except OSError:
+        return None
+    base = kib("VmRSS:")
+    fn()
+    return 1024 * max(0, kib("VmHWM:") - base)
+
+
 def persistent_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Weights plus optimizer state: what a model holds between steps (its gradients are None then)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -352,10 +383,14 @@ def bench_train(args, device, folder: Path, size: str, seq: int, dtype: str, bat
         rows.append(Row(metric="MFU", unit="%", ours=mfu["ours"], hf=mfu["hf"], higher_is_better=True,
                         extra={"peak_tflops": peak / 1e12}, **key))
     if cuda:
+        transient = {name: max(e["transient"] for _, e in times.samples[name]) for name in ("ours", "hf")}
+    else:  # one more step per side, untimed, watched through the process's peak resident memory
+        steps = {"ours": step(ours, optimizers["ours"], False), "hf": step(hf, optimizers["hf"], True)}
+        transient = {name: cpu_transient_bytes(lambda: run(len(batches) - 1)) for name, run in steps.items()}
+    if None not in transient.values():
         # This model's weights and optimizer state, plus the most its steps allocated on top: the other
         # model's memory, resident all along, is left out.
-        memory = {name: persistent_bytes(m, optimizers[name]) + max(e["transient"] for _, e in times.samples[name])
-                  for name, m in (("ours", ours), ("hf", hf))}
+        memory = {name: persistent_bytes(m, optimizers[name]) + transient[name] for name, m in (("ours", ours), ("hf", hf))}
         rows.append(Row(metric="peak memory", unit="GiB", ours=memory["ours"] / 2**30, hf=memory["hf"] / 2**30,
                         higher_is_better=False, **key))
     if args.breakdown:
