@@ -108,3 +108,28 @@ def test_inside_torch_compile_the_reference_is_traced(monkeypatch):
     x, w, b = (t.detach() for t in leaves((4,), 8, 6))
     compiled = torch.compile(linear, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, w, b), F.linear(x, w, b))
+
+
+@onednn
+def test_model_gradients_match_the_f_linear_path(monkeypatch):
+    """A whole training step's loss and parameter gradients, oneDNN against MLM_ONEDNN_LINEAR=0."""
+    cfg = ModelConfig(vocab_size=211, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = MaskedLM(cfg)
+    ids = torch.randint(5, 211, (3, 17))
+    labels = torch.where(torch.rand(3, 17) < 0.3, ids, -100)
+    labels[:, 0] = ids[:, 0]
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast_loss, fast = loss_and_grads()
+    monkeypatch.setenv("MLM_ONEDNN_LINEAR", "0")
+    ref_loss, ref = loss_and_grads()
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
