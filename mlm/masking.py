@@ -242,7 +242,7 @@ def mask_tokens(
             chosen = (_shr(bits, 40) < math.ceil(mlm_probability * 2**24)).nonzero().squeeze(1)
         chosen = chosen.masked_select(is_candidate(chosen))
         if min_one:
-            # chosen is sorted: row b's targets are those between its first and its last flat position.
+            # chosen is sorted, so row b's targets are its entries row_starts[b] .. row_starts[b + 1] - 1.
             row_starts = torch.searchsorted(chosen, torch.arange(B + 1, device=device) * T)  # (B + 1,)
             has_target = row_starts[1:] > row_starts[:-1]  # (B,)
             if not has_target.all():  # rare at realistic lengths: the rescue is a uniformly random candidate
@@ -273,7 +273,8 @@ def mask_tokens(
         u_action = _u_action(bits.index_select(0, chosen))
     show_mask = u_action < mask_replace_prob
     show_random = ~show_mask & (u_action < mask_replace_prob + random_replace_prob)
-    labels = torch.full((B * T,), IGNORE_INDEX, device=device).scatter_(0, chosen, flat_ids.index_select(0, chosen))
+    labels = torch.full((B * T,), IGNORE_INDEX, dtype=input_ids.dtype, device=device)
+    labels.scatter_(0, chosen, flat_ids.index_select(0, chosen))
     masked = flat_ids.clone().scatter_(0, chosen.masked_select(show_mask), mask_token_id)
     at = chosen.masked_select(show_random)  # random ids are drawn only where one is shown
     if keys is None:
