@@ -9,8 +9,8 @@ standard deviations out: these tests fail on bugs, not on bad luck.
 import pytest
 import torch
 
-from mlm.errors import InputError
 from mlm import masking
+from mlm.errors import InputError
 from mlm.masking import IGNORE_INDEX, _mix, mask_eval_blocks, mask_tokens, preview, row_seeds_for
 
 PAD, UNK, CLS, SEP, MASK = range(5)
