@@ -33,8 +33,23 @@ import os
 import torch
 import torch.nn.functional as F
 
-_op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 linear_ref = F.linear  # what the fast path must equal, up to fp32 rounding
+
+
+def _find_op():
+    """The oneDNN op, or None where this torch build lacks it or it does not answer as expected (it is a
+    private op, so a torch other than the tested 2.13 is probed once rather than trusted)."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if op is None:
+        return None
+    try:
+        x, w = torch.ones(2, 3), torch.ones(5, 3)
+        return op if torch.equal(op(x, w, None, "none", [], ""), F.linear(x, w)) else None
+    except (RuntimeError, TypeError):
+        return None
+
+
+_op = _find_op()
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
