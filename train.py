@@ -449,7 +449,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     model.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     amp_dtype = DTYPES[cfg.dtype]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
@@ -457,7 +456,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     if resume_state:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
         start_step, best_val, best_step = resume_state["step"], resume_state["best_val"], resume_state["best_step"]
         if master:
@@ -485,7 +483,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     def checkpoint(step: int) -> None:
         if master:
             state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                     "scaler": scaler.state_dict(), "step": step,
                      "best_val": best_val, "best_step": best_step, "config": _comparable(asdict(cfg)),
                      "model_config": asdict(raw_model.config)}
             save_checkpoint(state, out, step, keep={out / "checkpoints" / f"step_{best_step:08d}.pt"},
@@ -512,7 +510,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not master, dynamic_ncols=True, file=sys.stderr)
     bad_steps, tokens_seen, clock = 0, 0, time.perf_counter()
     for step in range(start_step, cfg.max_steps):
-        # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed run draws what it would have.
+        # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed run draws what it would have;
+        # the learning rate is a function of the step too, so neither needs state in the checkpoint.
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
@@ -560,16 +559,16 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                                "use --dtype bf16 or fp32, or check the data")
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         done = step + 1
 
         if master:
             elapsed = time.perf_counter() - clock
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{next_lr:.2e}",
                             tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", refresh=False)
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.max_steps:
-                log({"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm_value,
+                log({"step": done, "loss": loss_value, "lr": next_lr, "grad_norm": norm_value,
                      "epoch": round(plan.epoch(done), 4), "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
             run_eval(done)
