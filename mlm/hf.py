@@ -334,8 +334,9 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype=None) -> tuple[M
 def save_pretrained(model: MaskedLM, tokenizer: Tokenizer | None, path: str | os.PathLike) -> None:
     """Write config.json, model.safetensors and the tokenizer files; `transformers` loads the folder as is.
 
-    Files are written into a temporary folder beside the target and moved into place, so a crash leaves
-    either the old folder or the new one, never a half-written mix.
+    Files are written into a temporary folder beside the target and moved into place: a new folder
+    appears whole, and over an existing one each file is replaced atomically, so no file is ever
+    half-written (a crash between two replacements can leave some files of the previous save).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

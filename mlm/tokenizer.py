@@ -51,7 +51,7 @@ class Tokenizer:
         extra_config: dict | None = None,
     ):
         self.backend = backend
-        self.kind = "bpe" if isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) else "wordpiece"
+        self.kind = _kind_of(backend)
         self.specials = dict(specials)
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
@@ -83,7 +83,7 @@ class Tokenizer:
             # Some files (all-MiniLM-L6-v2's) switch on padding/truncation; batching is done here instead.
             backend.no_padding()
             backend.no_truncation()
-            kind = "bpe" if isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) else "wordpiece"
+            kind = _kind_of(backend)
         elif (folder / "vocab.txt").is_file():
             kind = "wordpiece"
             backend = None
@@ -121,7 +121,8 @@ class Tokenizer:
         max_len = config.get("model_max_length", 512)
         if not isinstance(max_len, int) or max_len > 1_000_000:  # HF writes a huge sentinel for "unset"
             max_len = 512
-        keep = {k: config[k] for k in ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "add_prefix_space") if k in config}
+        kept = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "add_prefix_space")
+        keep = {k: config[k] for k in kept if k in config}
         return cls(
             backend,
             specials,
@@ -204,6 +205,11 @@ class Tokenizer:
 
 
 # ------------------------------------------------------------------------------------------ builders
+def _kind_of(backend: Backend) -> str:
+    """"bpe" for a byte-level pre-tokenizer (RoBERTa's), else "wordpiece"."""
+    return "bpe" if isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) else "wordpiece"
+
+
 def build_wordpiece(
     vocab: dict[str, int],
     specials: dict[str, str],
