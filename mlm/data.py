@@ -80,8 +80,10 @@ class Corpus:
 
     doc_split says where documents end in text files: "blank" (blank lines between paragraphs, HF's
     `sample_by="paragraph"`), "file" (one per file) or "line" (one per line, HF's default `text` loader,
-    except that blank lines are skipped rather than kept as empty documents). text_field is the JSON / parquet field holding the text: a dotted path reaches into
-    nested records, and a list of strings is joined with spaces, as HF's ELI5 recipe joins `answers.text`.
+    except that blank lines are skipped rather than kept as empty documents).
+
+    text_field is the JSON / parquet field holding the text: a dotted path reaches into nested records,
+    and a list of strings is joined with spaces, as HF's ELI5 recipe joins `answers.text`.
     """
 
     def __init__(
