@@ -6,7 +6,7 @@
     python prepare.py --preview data/stdlib --block-size 128 -n 3
 
 With no --data the corpus is the Python standard library's docstrings (no download). The folder format
-is described at the top of mlm/data.py.
+is described at the top of mlm/data.py; the formats read, at the top of mlm/corpus.py.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_main(args: argparse.Namespace) -> None:
-    from mlm.data import Corpus, default_corpus, prepare, train_tokenizer
+    from mlm.corpus import Corpus, default_corpus
+    from mlm.data import prepare
     from mlm.tokenizer import Tokenizer
+    from mlm.tokenizer_train import train_tokenizer
 
     if not args.out:
         raise ConfigError("pass --out DIR for the dataset folder (or --preview DIR to look at one)")

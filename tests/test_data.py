@@ -16,26 +16,23 @@ import numpy as np
 import pytest
 import torch
 
+from mlm.corpus import Corpus, default_corpus, field_text
 from mlm.data import (
     BatchPlan,
-    Corpus,
     PackedBlocks,
     blocks_at,
     check_block_size,
     check_vocab,
-    default_corpus,
     default_dataset,
-    field_text,
     load_dataset_meta,
     open_split,
     prepare,
     split_is_val,
-    tokenizer_sha256,
     stream_positions,
-    train_tokenizer,
 )
 from mlm.errors import ConfigError, DataError
-from mlm.tokenizer import DEFAULT_SPECIALS, Tokenizer, build_wordpiece
+from mlm.tokenizer import DEFAULT_SPECIALS, Tokenizer, build_wordpiece, tokenizer_sha256
+from mlm.tokenizer_train import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -234,7 +231,7 @@ def test_failed_prepare_leaves_nothing_that_looks_complete(tmp_path, bert):
         yield "a fine document"
         raise RuntimeError("disk on fire")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk on fire"):
         prepare(Corpus.from_texts(broken), tmp_path / "new", bert, batch_docs=1, progress=False)
     assert not (tmp_path / "new").exists()  # we made the folder, so it goes
 
@@ -345,7 +342,7 @@ def test_block_size_and_remainder_errors(bert_dataset):
         PackedBlocks(bert_dataset, "train", 100_000)
     with pytest.raises(ConfigError, match="remainder"):
         PackedBlocks(bert_dataset, "train", 8, remainder="wrap")
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"block index out of range \[0, "):
         PackedBlocks(bert_dataset, "train", 8).get([10_000])
 
 
