@@ -63,15 +63,17 @@ def stats(ids, masked, labels) -> tuple[float, float, float, float]:
     return n / candidates(ids).sum().item(), as_mask, 1 - as_mask - kept, kept
 
 
-BIG = make_blocks(1400, 512, max_pad=40)  # ~700k candidate tokens, ~107k chosen at 15%
+@pytest.fixture(scope="module")
+def big() -> torch.Tensor:
+    return make_blocks(1400, 512, max_pad=40)  # ~700k candidate tokens, ~107k chosen at 15%
 
 
 @pytest.mark.parametrize("kind", ["generator", "row_seeds"])
 @pytest.mark.parametrize("mask_p, random_p", [(0.8, 0.1), (0.5, 0.3), (1.0, 0.0)])
-def test_rate_and_split(kind, mask_p, random_p):
-    masked, labels = mask_tokens(BIG, **KW, mask_replace_prob=mask_p, random_replace_prob=random_p,
-                                 **randomness(kind, len(BIG)))
-    rate, as_mask, as_random, kept = stats(BIG, masked, labels)
+def test_rate_and_split(big, kind, mask_p, random_p):
+    masked, labels = mask_tokens(big, **KW, mask_replace_prob=mask_p, random_replace_prob=random_p,
+                                 **randomness(kind, len(big)))
+    rate, as_mask, as_random, kept = stats(big, masked, labels)
     assert (labels != IGNORE_INDEX).sum() > 100_000
     assert rate == pytest.approx(0.15, abs=RATE_TOL)
     assert as_mask == pytest.approx(mask_p, abs=SPLIT_TOL)
@@ -112,9 +114,9 @@ def test_bernoulli_positions_even_when_the_first_draw_runs_short(monkeypatch, n,
 
 
 @pytest.mark.parametrize("kind", ["generator", "row_seeds"])
-def test_random_replacements_uniform_over_whole_vocab(kind):
-    masked, labels = mask_tokens(BIG, **KW, mask_replace_prob=0.0, random_replace_prob=1.0,
-                                 **randomness(kind, len(BIG)))
+def test_random_replacements_uniform_over_whole_vocab(big, kind):
+    masked, labels = mask_tokens(big, **KW, mask_replace_prob=0.0, random_replace_prob=1.0,
+                                 **randomness(kind, len(big)))
     counts = torch.bincount(masked[labels != IGNORE_INDEX], minlength=V).double()  # specials included
     expected = counts.sum() / V  # ~107 per id
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
@@ -147,10 +149,10 @@ def test_invariants(options, kind):
 
 
 @pytest.mark.parametrize("kind", ["generator", "row_seeds"])
-def test_whole_words_are_masked_together(kind):
-    word_starts = make_word_starts(BIG)
-    masked, labels = mask_tokens(BIG, **KW, word_starts=word_starts, **randomness(kind, len(BIG)))
-    chosen, cand = labels != IGNORE_INDEX, candidates(BIG)
+def test_whole_words_are_masked_together(big, kind):
+    word_starts = make_word_starts(big)
+    masked, labels = mask_tokens(big, **KW, word_starts=word_starts, **randomness(kind, len(big)))
+    chosen, cand = labels != IGNORE_INDEX, candidates(big)
     # Inside a word (a continuation piece after a candidate), a token shares its predecessor's fate.
     inside = ~word_starts[:, 1:] & cand[:, 1:] & cand[:, :-1]
     assert torch.equal(chosen[:, 1:][inside], chosen[:, :-1][inside])
@@ -158,7 +160,7 @@ def test_whole_words_are_masked_together(kind):
     first_piece = cand & (word_starts | ~torch.nn.functional.pad(cand[:, :-1], (1, 0), value=False))
     assert chosen[first_piece].float().mean().item() == pytest.approx(0.15, abs=RATE_TOL)
     assert chosen[:, 1][~word_starts[:, 1]].any()  # a '##' piece right after [CLS] is a word of its own
-    _, as_mask, as_random, kept = stats(BIG, masked, labels)
+    _, as_mask, as_random, kept = stats(big, masked, labels)
     assert (as_mask, as_random, kept) == pytest.approx((0.8, 0.1, 0.1), abs=SPLIT_TOL)
     # 80/10/10 is decided per token, as in HF: some chosen two-piece words show [MASK] next to a non-[MASK].
     pair = inside & chosen[:, 1:]
@@ -222,6 +224,15 @@ def test_splitmix64_matches_unsigned_reference():
 
     xs = [0, 1, -1, 2**63 - 1, -(2**63), 0x0123456789ABCDEF, -987654321]
     assert [v & m64 for v in _mix(torch.tensor(xs)).tolist()] == [reference(x & m64) for x in xs]
+
+
+@pytest.mark.parametrize("p", [0.15, 1 / 3, 0.001, 2**-24, 1 - 2**-24])
+def test_row_seeded_choice_on_integers_is_uniform_below_p(p):
+    """The plain path compares the hash's top 24 bits with an integer; whole words compare the float
+    uniform with p. Both must choose the same positions, for p that is not a multiple of 2**-24 too."""
+    draws = masking._RowSeededDraws(row_seeds_for(0, torch.arange(64)), 64, 1024, torch.device("cpu"))
+    expected = (draws.choice_uniforms().view(-1) < p).nonzero().squeeze(1)
+    assert torch.equal(draws.choose(p), expected)
 
 
 def test_mask_eval_blocks_slice_equals_slice_of_whole():
@@ -311,38 +322,46 @@ def hf_collator():
     return transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0)
 
 
-def test_statistics_match_hf_collator():
-    batch = hf_collator()(list(BIG))  # HF finds the specials itself, from the tokenizer
-    hf = stats(BIG, batch["input_ids"], batch["labels"])
-    ours = stats(BIG, *mask_tokens(BIG, **KW, generator=torch.Generator().manual_seed(0)))
+def test_statistics_match_hf_collator(big):
+    batch = hf_collator()(list(big))  # HF finds the specials itself, from the tokenizer
+    hf = stats(big, batch["input_ids"], batch["labels"])
+    ours = stats(big, *mask_tokens(big, **KW, generator=torch.Generator().manual_seed(0)))
     for expected, tol, a, b in zip((0.15, 0.8, 0.1, 0.1), (RATE_TOL,) + (SPLIT_TOL,) * 3, hf, ours):
         assert a == pytest.approx(expected, abs=tol) and b == pytest.approx(expected, abs=tol)
         assert a == pytest.approx(b, abs=tol)
 
 
-@pytest.mark.parametrize("bad", [
-    {"mlm_probability": 0.0}, {"mlm_probability": 1.0}, {"mask_replace_prob": -0.1},
-    {"random_replace_prob": 1.5}, {"mask_replace_prob": 0.8, "random_replace_prob": 0.3},
-    {"mask_token_id": V}, {"word_starts": torch.ones(2, 5, dtype=torch.bool)},
-    {"word_starts": torch.ones(2, 8, dtype=torch.long)}, {"attention_mask": torch.ones(3, 8)},
-    {"row_seeds": torch.zeros(3, dtype=torch.long)}, {"row_seeds": torch.zeros(2)},
-    {"row_seeds": torch.zeros(2, dtype=torch.long), "generator": torch.Generator()},
+@pytest.mark.parametrize("bad, message", [
+    ({"mlm_probability": 0.0}, r"mlm_probability must be strictly between 0 and 1, got 0.0"),
+    ({"mlm_probability": 1.0}, r"mlm_probability must be strictly between 0 and 1, got 1.0"),
+    ({"mask_replace_prob": -0.1}, r"mask_replace_prob must be in \[0, 1\], got -0.1"),
+    ({"random_replace_prob": 1.5}, r"random_replace_prob must be in \[0, 1\], got 1.5"),
+    ({"mask_replace_prob": 0.8, "random_replace_prob": 0.3},
+     r"mask_replace_prob \+ random_replace_prob = .* exceeds 1"),
+    ({"mask_token_id": V}, r"mask_token_id 1000 is outside \[0, 1000\)"),
+    ({"word_starts": torch.ones(2, 5, dtype=torch.bool)}, r"word_starts is \(2, 5\) but input_ids \(2, 8\)"),
+    ({"word_starts": torch.ones(2, 8, dtype=torch.long)}, r"word_starts must be a bool tensor"),
+    ({"attention_mask": torch.ones(3, 8)}, r"attention_mask is \(3, 8\) but input_ids \(2, 8\)"),
+    ({"row_seeds": torch.zeros(3, dtype=torch.long)}, r"row_seeds must be int64 of shape \(2,\)"),
+    ({"row_seeds": torch.zeros(2)}, r"row_seeds must be int64 of shape \(2,\)"),
+    ({"row_seeds": torch.zeros(2, dtype=torch.long), "generator": torch.Generator()},
+     r"pass either generator or row_seeds, not both"),
 ])
-def test_bad_arguments_raise_input_error(bad):
-    with pytest.raises(InputError):
+def test_bad_arguments_raise_input_error(bad, message):
+    with pytest.raises(InputError, match=message):
         mask_tokens(make_blocks(2, 8), **{**KW, **bad})
 
 
 def test_bad_inputs_raise_input_error():
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"input_ids must be a 2-D torch.long tensor \(B, T\)"):
         mask_tokens(make_blocks(2, 8).int(), **KW)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"input_ids must be a 2-D torch.long tensor \(B, T\)"):
         mask_tokens(make_blocks(1, 8)[0], **KW)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"mask_eval_blocks derives row_seeds from seed"):
         mask_eval_blocks(make_blocks(2, 8), seed=0, generator=torch.Generator(), **KW)
 
 
-def test_preview_shows_text_and_targets():
+def test_preview_shows_text_and_targets(big):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, V)]
     decode = lambda ids: " ".join(words[i] for i in ids)  # noqa: E731
     masked = torch.tensor([[CLS, MASK, 99, 12, SEP]])
@@ -350,7 +369,7 @@ def test_preview_shows_text_and_targets():
     assert preview(decode, masked, labels) == (
         ">>> [CLS] [MASK] w99 w12 [SEP]\n"
         "    targets: w10 | w11 (saw 'w99') | w12 (kept)")
-    assert preview(decode, *mask_tokens(BIG, **KW), n=2).count("\n>>> ") == 1
+    assert preview(decode, *mask_tokens(big, **KW), n=2).count("\n>>> ") == 1
 
 
 @pytest.mark.cuda
