@@ -1,9 +1,12 @@
 """Hugging Face-format folders in and out: `config.json`, weights, tokenizer files.
 
-One declarative table per family maps our parameter names to HF's; the same table drives loading and
-saving. A tuple of HF names means "concatenated along dim 0" (our fused QKV projection is HF's query, key
-and value). `{i}` is the layer index; `{base}` is the encoder's prefix ("bert.", "roberta.",
-"distilbert."), which checkpoints of a bare encoder (BertModel, all-MiniLM-L6-v2) do not have.
+Each family has one table, written out literally: HF parameter name -> ours. The same table drives loading
+and saving. In an HF name `{i}` is the layer index and `{base}` the encoder's prefix ("bert.", "roberta.",
+"distilbert."), which checkpoints of a bare encoder (BertModel, all-MiniLM-L6-v2) do not have. A tuple of
+HF names is one of our tensors cut along dim 0: our fused QKV projection is HF's query, key and value.
+`None` marks a key HF writes that our model has no use for; it is there so the table names every key.
+On loading, every key the model does not use, in the table or not (a classifier, any other head), is
+skipped with one note naming them; missing weights and shape mismatches are errors.
 """
 
 from __future__ import annotations
@@ -12,83 +15,125 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from mlm.errors import CheckpointError, ConfigError, UnsupportedModelError
+from mlm.distributed import check_device
+from mlm.errors import CheckpointError, UnsupportedModelError
+from mlm.io import atomic_write
 from mlm.model import MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
 
 log = logging.getLogger("mlm")
 
-
-def _wb(ours: str, theirs: str | tuple[str, ...]) -> dict:
-    """A layer's weight and bias: {ours.weight: theirs.weight, ours.bias: theirs.bias}."""
-    if isinstance(theirs, str):
-        return {f"{ours}.{p}": f"{theirs}.{p}" for p in ("weight", "bias")}
-    return {f"{ours}.{p}": tuple(f"{t}.{p}" for t in theirs) for p in ("weight", "bias")}
-
-
-_BERT_LAYER = "{base}encoder.layer.{i}."
-_BERT_ENCODER = {
-    "embeddings.word.weight": "{base}embeddings.word_embeddings.weight",
-    "embeddings.position.weight": "{base}embeddings.position_embeddings.weight",
-    "embeddings.token_type.weight": "{base}embeddings.token_type_embeddings.weight",
-    **_wb("embeddings.norm", "{base}embeddings.LayerNorm"),
-    **_wb("blocks.{i}.attn.qkv", tuple(_BERT_LAYER + f"attention.self.{n}" for n in ("query", "key", "value"))),
-    **_wb("blocks.{i}.attn.proj", _BERT_LAYER + "attention.output.dense"),
-    **_wb("blocks.{i}.attn_norm", _BERT_LAYER + "attention.output.LayerNorm"),
-    **_wb("blocks.{i}.fc1", _BERT_LAYER + "intermediate.dense"),
-    **_wb("blocks.{i}.fc2", _BERT_LAYER + "output.dense"),
-    **_wb("blocks.{i}.mlp_norm", _BERT_LAYER + "output.LayerNorm"),
+BERT_KEYS = {
+    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
+    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
+    "{base}embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
+    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.position_ids": None,  # buffers that older transformers versions saved
+    "{base}embeddings.token_type_ids": None,
+    ("{base}encoder.layer.{i}.attention.self.query.weight",
+     "{base}encoder.layer.{i}.attention.self.key.weight",
+     "{base}encoder.layer.{i}.attention.self.value.weight"): "blocks.{i}.attn.qkv.weight",
+    ("{base}encoder.layer.{i}.attention.self.query.bias",
+     "{base}encoder.layer.{i}.attention.self.key.bias",
+     "{base}encoder.layer.{i}.attention.self.value.bias"): "blocks.{i}.attn.qkv.bias",
+    "{base}encoder.layer.{i}.attention.output.dense.weight": "blocks.{i}.attn.proj.weight",
+    "{base}encoder.layer.{i}.attention.output.dense.bias": "blocks.{i}.attn.proj.bias",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "blocks.{i}.attn_norm.weight",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "blocks.{i}.attn_norm.bias",
+    "{base}encoder.layer.{i}.intermediate.dense.weight": "blocks.{i}.fc1.weight",
+    "{base}encoder.layer.{i}.intermediate.dense.bias": "blocks.{i}.fc1.bias",
+    "{base}encoder.layer.{i}.output.dense.weight": "blocks.{i}.fc2.weight",
+    "{base}encoder.layer.{i}.output.dense.bias": "blocks.{i}.fc2.bias",
+    "{base}encoder.layer.{i}.output.LayerNorm.weight": "blocks.{i}.mlp_norm.weight",
+    "{base}encoder.layer.{i}.output.LayerNorm.bias": "blocks.{i}.mlp_norm.bias",
+    "{base}pooler.dense.weight": None,  # the [CLS] pooler, used by next-sentence and sentence tasks
+    "{base}pooler.dense.bias": None,
+    "cls.predictions.transform.dense.weight": "head.dense.weight",
+    "cls.predictions.transform.dense.bias": "head.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
+    "cls.predictions.bias": "head.bias",
+    "cls.predictions.decoder.weight": None,  # tied to the word embeddings
+    "cls.predictions.decoder.bias": None,  # the same tensor as cls.predictions.bias
+    "cls.seq_relationship.weight": None,  # BertForPreTraining's next-sentence head
+    "cls.seq_relationship.bias": None,
 }
-_DISTIL_LAYER = "{base}transformer.layer.{i}."
 
-# Our parameter name -> HF parameter name(s). Head entries start with "head.".
-KEYS = {
-    "bert": {
-        **_BERT_ENCODER,
-        **_wb("head.dense", "cls.predictions.transform.dense"),
-        **_wb("head.norm", "cls.predictions.transform.LayerNorm"),
-        "head.bias": "cls.predictions.bias",
-    },
-    "roberta": {
-        **_BERT_ENCODER,
-        **_wb("head.dense", "lm_head.dense"),
-        **_wb("head.norm", "lm_head.layer_norm"),
-        "head.bias": "lm_head.bias",
-    },
-    "distilbert": {
-        "embeddings.word.weight": "{base}embeddings.word_embeddings.weight",
-        "embeddings.position.weight": "{base}embeddings.position_embeddings.weight",
-        **_wb("embeddings.norm", "{base}embeddings.LayerNorm"),
-        **_wb("blocks.{i}.attn.qkv", tuple(_DISTIL_LAYER + f"attention.{n}_lin" for n in ("q", "k", "v"))),
-        **_wb("blocks.{i}.attn.proj", _DISTIL_LAYER + "attention.out_lin"),
-        **_wb("blocks.{i}.attn_norm", _DISTIL_LAYER + "sa_layer_norm"),
-        **_wb("blocks.{i}.fc1", _DISTIL_LAYER + "ffn.lin1"),
-        **_wb("blocks.{i}.fc2", _DISTIL_LAYER + "ffn.lin2"),
-        **_wb("blocks.{i}.mlp_norm", _DISTIL_LAYER + "output_layer_norm"),
-        **_wb("head.dense", "vocab_transform"),
-        **_wb("head.norm", "vocab_layer_norm"),
-        "head.bias": "vocab_projector.bias",
-    },
+ROBERTA_KEYS = {
+    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
+    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
+    "{base}embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
+    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.position_ids": None,  # buffers that older transformers versions saved
+    "{base}embeddings.token_type_ids": None,
+    ("{base}encoder.layer.{i}.attention.self.query.weight",
+     "{base}encoder.layer.{i}.attention.self.key.weight",
+     "{base}encoder.layer.{i}.attention.self.value.weight"): "blocks.{i}.attn.qkv.weight",
+    ("{base}encoder.layer.{i}.attention.self.query.bias",
+     "{base}encoder.layer.{i}.attention.self.key.bias",
+     "{base}encoder.layer.{i}.attention.self.value.bias"): "blocks.{i}.attn.qkv.bias",
+    "{base}encoder.layer.{i}.attention.output.dense.weight": "blocks.{i}.attn.proj.weight",
+    "{base}encoder.layer.{i}.attention.output.dense.bias": "blocks.{i}.attn.proj.bias",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "blocks.{i}.attn_norm.weight",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "blocks.{i}.attn_norm.bias",
+    "{base}encoder.layer.{i}.intermediate.dense.weight": "blocks.{i}.fc1.weight",
+    "{base}encoder.layer.{i}.intermediate.dense.bias": "blocks.{i}.fc1.bias",
+    "{base}encoder.layer.{i}.output.dense.weight": "blocks.{i}.fc2.weight",
+    "{base}encoder.layer.{i}.output.dense.bias": "blocks.{i}.fc2.bias",
+    "{base}encoder.layer.{i}.output.LayerNorm.weight": "blocks.{i}.mlp_norm.weight",
+    "{base}encoder.layer.{i}.output.LayerNorm.bias": "blocks.{i}.mlp_norm.bias",
+    "{base}pooler.dense.weight": None,  # RobertaModel's [CLS] pooler
+    "{base}pooler.dense.bias": None,
+    "lm_head.dense.weight": "head.dense.weight",
+    "lm_head.dense.bias": "head.dense.bias",
+    "lm_head.layer_norm.weight": "head.norm.weight",
+    "lm_head.layer_norm.bias": "head.norm.bias",
+    "lm_head.bias": "head.bias",
+    "lm_head.decoder.weight": None,  # tied to the word embeddings
+    "lm_head.decoder.bias": None,  # the same tensor as lm_head.bias
 }
-PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
+
+DISTILBERT_KEYS = {
+    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
+    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
+    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.position_ids": None,  # a buffer that older transformers versions saved
+    ("{base}transformer.layer.{i}.attention.q_lin.weight",
+     "{base}transformer.layer.{i}.attention.k_lin.weight",
+     "{base}transformer.layer.{i}.attention.v_lin.weight"): "blocks.{i}.attn.qkv.weight",
+    ("{base}transformer.layer.{i}.attention.q_lin.bias",
+     "{base}transformer.layer.{i}.attention.k_lin.bias",
+     "{base}transformer.layer.{i}.attention.v_lin.bias"): "blocks.{i}.attn.qkv.bias",
+    "{base}transformer.layer.{i}.attention.out_lin.weight": "blocks.{i}.attn.proj.weight",
+    "{base}transformer.layer.{i}.attention.out_lin.bias": "blocks.{i}.attn.proj.bias",
+    "{base}transformer.layer.{i}.sa_layer_norm.weight": "blocks.{i}.attn_norm.weight",
+    "{base}transformer.layer.{i}.sa_layer_norm.bias": "blocks.{i}.attn_norm.bias",
+    "{base}transformer.layer.{i}.ffn.lin1.weight": "blocks.{i}.fc1.weight",
+    "{base}transformer.layer.{i}.ffn.lin1.bias": "blocks.{i}.fc1.bias",
+    "{base}transformer.layer.{i}.ffn.lin2.weight": "blocks.{i}.fc2.weight",
+    "{base}transformer.layer.{i}.ffn.lin2.bias": "blocks.{i}.fc2.bias",
+    "{base}transformer.layer.{i}.output_layer_norm.weight": "blocks.{i}.mlp_norm.weight",
+    "{base}transformer.layer.{i}.output_layer_norm.bias": "blocks.{i}.mlp_norm.bias",
+    "vocab_transform.weight": "head.dense.weight",
+    "vocab_transform.bias": "head.dense.bias",
+    "vocab_layer_norm.weight": "head.norm.weight",
+    "vocab_layer_norm.bias": "head.norm.bias",
+    "vocab_projector.bias": "head.bias",
+    "vocab_projector.weight": None,  # tied to the word embeddings
+}
+
+KEYS = {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "distilbert": DISTILBERT_KEYS}
+BASE = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
 ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM"}
-
-# Keys real checkpoints carry that this model has no use for: skipped with a one-line note.
-IGNORED = re.compile(
-    r"(^|\.)pooler\."  # BertModel's [CLS] pooler
-    r"|^cls\.seq_relationship\."  # BERT's next-sentence head
-    r"|position_ids$|token_type_ids$"  # buffers some versions saved
-    r"|^cls\.predictions\.decoder\.(weight|bias)$|^lm_head\.decoder\.(weight|bias)$|^vocab_projector\.weight$"  # tied copies
-    r"|^(classifier|pre_classifier|qa_outputs)\."  # task heads of fine-tuned checkpoints
-)
 
 # HF config.json <-> ModelConfig. BERT and RoBERTa share field names; DistilBERT has its own.
 _BERT_CONFIG = {
@@ -166,78 +211,89 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ weights
-def expand_keys(cfg: ModelConfig, base: str) -> dict[str, str | tuple[str, ...]]:
-    """The mapping table with layer indices and the encoder prefix filled in."""
-    out = {}
-    for ours, theirs in KEYS[cfg.family].items():
-        if ours.startswith("embeddings.token_type") and not cfg.type_vocab_size:
-            continue
-        layers = range(cfg.num_layers) if "{i}" in ours else [None]
-        for i in layers:
-            fill = (lambda s: s.format(i=i, base=base))
-            out[fill(ours)] = tuple(map(fill, theirs)) if isinstance(theirs, tuple) else fill(theirs)
+def expand(table: dict, base: str, num_layers: int) -> list[tuple[tuple[str, ...], str | None]]:
+    """A table's entries with {base} and {i} filled in, one per layer: (HF names, our name or None)."""
+    out = []
+    for theirs, ours in table.items():
+        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+        for i in range(num_layers) if "{i}" in theirs[0] else [None]:
+            out.append((tuple(t.format(base=base, i=i) for t in theirs), None if ours is None else ours.format(i=i)))
     return out
 
 
-def state_dict_from_hf(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
-    """Map an HF state dict onto our names. Returns (our state dict, our keys that are newly initialised).
+def state_dict_from_hf(
+    model: MaskedLM, hf_state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map an HF state dict onto the model's names: (our state dict, our keys left freshly initialised).
 
-    Raises CheckpointError naming every unknown key, missing key and shape mismatch at once.
+    Keys the model has no use for are skipped with one note naming them, as transformers does. Missing
+    weights and shape mismatches raise CheckpointError naming the keys.
     """
+    cfg, expected = model.config, model.state_dict()
     # Legacy TF-era names: LayerNorm.gamma/beta are weight/bias.
     hf_state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in hf_state.items()}
-    prefix = PREFIX[cfg.family]
-    base = prefix if any(k.startswith(prefix) for k in hf_state) else ""
-    table = expand_keys(cfg, base)
+    # With the family's prefix or, for a bare encoder, without: whichever finds more keys (the prefix on a tie,
+    # so that an error names the keys a full checkpoint has).
+    readings = [expand(KEYS[cfg.family], base, cfg.num_layers) for base in (BASE[cfg.family], "")]
+    entries = max(readings, key=lambda e: sum(n in hf_state for names, _ in e for n in names))
+    # `None` entries, and entries for parameters this config does not have (token types when
+    # type_vocab_size is 0), are not wanted.
+    wanted = {ours: names for names, ours in entries if ours in expected}
+    # Not one head key: an encoder-only checkpoint, whose head keeps its fresh initialisation.
+    head = [ours for ours in wanted if ours.startswith("head.")]
+    new_head = not any(n in hf_state for ours in head for n in wanted[ours])
 
-    head_keys = [k for k in table if k.startswith("head.")]
-    head_present = [k for k in head_keys if _names(table[k])[0] in hf_state]
-    new_head = not head_present  # an encoder-only checkpoint: the head starts fresh
-    ours_state, missing, used = {}, [], set()
-    for ours, theirs in table.items():
-        if new_head and ours in head_keys:
+    state, missing, used = {}, [], set()
+    for ours, names in wanted.items():
+        if new_head and ours in head:
             continue
-        names = _names(theirs)
         if any(n not in hf_state for n in names):
             missing += [n for n in names if n not in hf_state]
             continue
-        ours_state[ours] = torch.cat([hf_state[n] for n in names]) if len(names) > 1 else hf_state[names[0]]
+        state[ours] = torch.cat([hf_state[n] for n in names]) if len(names) > 1 else hf_state[names[0]]
         used.update(names)
-
-    leftover = [k for k in hf_state if k not in used]
-    ignored = [k for k in leftover if IGNORED.search(k)]
-    unknown = [k for k in leftover if not IGNORED.search(k)]
-    problems = []
     if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unknown:
-        problems.append(f"unexpected keys: {', '.join(unknown)}")
-    if problems:
-        raise CheckpointError(f"checkpoint does not match a {cfg.family} model; " + "; ".join(problems))
-    if ignored:
-        log.info("ignored %d unused checkpoint keys (%s)", len(ignored), _summarise(ignored))
-    return ours_state, (head_keys if new_head else [])
+        problem = f"checkpoint does not match a {cfg.family} model"
+        if not used:  # not one key in common: most likely the weights of another family
+            found = ", ".join(sorted({k.split(".")[0] + ".*" for k in hf_state}))
+            problem += f": its keys are {found} (is model_type in config.json right?)"
+        raise CheckpointError(f"{problem}; missing keys: {_summarise(missing)}")
+    shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()}
+    wrong = [f"{k} {have} vs {want}" for k, (have, want) in shapes.items() if have != want]
+    if wrong:
+        raise CheckpointError(f"shape mismatch between checkpoint and config.json: {'; '.join(wrong)}")
+    unused = [k for k in hf_state if k not in used]
+    if unused:
+        log.info("ignored %d unused checkpoint keys (%s)", len(unused), _summarise(unused))
+    return state, (head if new_head else [])
 
 
 def state_dict_to_hf(model: MaskedLM) -> dict[str, torch.Tensor]:
-    """Our state dict under HF's names, QKV split back into query/key/value, ready for safetensors."""
-    cfg = model.config
-    ours = model.state_dict()
+    """Our state dict under HF's names, QKV cut back into query, key and value, ready for safetensors."""
+    cfg, ours = model.config, model.state_dict()
     out = {}
-    for name, theirs in expand_keys(cfg, PREFIX[cfg.family]).items():
-        names = _names(theirs)
+    for names, name in expand(KEYS[cfg.family], BASE[cfg.family], cfg.num_layers):
+        if name not in ours:  # a key we drop (None), or a parameter this config does not have
+            continue
         for n, part in zip(names, ours[name].chunk(len(names))):
             out[n] = part.detach().contiguous().cpu()
     return out
 
 
-def _names(theirs: str | tuple[str, ...]) -> tuple[str, ...]:
-    return theirs if isinstance(theirs, tuple) else (theirs,)
-
-
 def _summarise(keys: list[str]) -> str:
-    groups = sorted({re.sub(r"\.\d+\.", ".*.", k).rsplit(".", 1)[0] for k in keys})
-    return ", ".join(groups[:6]) + (", ..." if len(groups) > 6 else "")
+    """Keys named compactly for one line, in their order: keys that differ only in a layer index are named
+    once with * for it, a weight and its bias as `name.*`; a key on its own is named in full."""
+    by_pattern: dict[str, list[str]] = {}
+    for k in keys:
+        by_pattern.setdefault(re.sub(r"(?<=\.)\d+(?=\.)", "*", k), []).append(k)
+    names = [group[0] if len(group) == 1 else pattern for pattern, group in by_pattern.items()]
+    by_parent: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        by_parent.setdefault(parent if leaf in ("weight", "bias") else name, []).append(name)
+    return ", ".join(
+        group[0] if len(group) == 1 else parent.removesuffix(".*") + ".*" for parent, group in by_parent.items()
+    )
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -294,29 +350,12 @@ def load_model(path: str | os.PathLike, device=None, dtype=None) -> MaskedLM:
     """Our MaskedLM with the weights of a local HF folder, in eval mode."""
     folder = Path(path)
     check_device(device)
-    cfg = config_from_hf(read_hf_config(folder))
-    model = MaskedLM(cfg)
-    state, new_keys = state_dict_from_hf(cfg, read_hf_weights(folder))
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in state.items() if v.shape != expected[k]]
-    if wrong:
-        raise CheckpointError(f"shape mismatch between checkpoint and config.json: {'; '.join(wrong)}")
+    model = MaskedLM(config_from_hf(read_hf_config(folder)))
+    state, new_keys = state_dict_from_hf(model, read_hf_weights(folder))
     model.load_state_dict(state, strict=not new_keys)
     if new_keys:
         log.warning("%s has no MLM head (an encoder-only checkpoint): the head is newly initialised", folder)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def check_device(device) -> None:
-    """A clear error for a device this machine does not have, before any work is done."""
-    if device is None:
-        return
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use cpu")
 
 
 def load_pretrained(path: str | os.PathLike, device=None, dtype=None) -> tuple[MaskedLM, Tokenizer]:
@@ -332,28 +371,18 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype=None) -> tuple[M
 
 
 def save_pretrained(model: MaskedLM, tokenizer: Tokenizer | None, path: str | os.PathLike) -> None:
-    """Write config.json, model.safetensors and the tokenizer files; `transformers` loads the folder as is.
+    """Write model.safetensors, the tokenizer files and config.json; `transformers` loads the folder as is.
 
-    Files are written into a temporary folder beside the target and moved into place: a new folder
-    appears whole, and over an existing one each file is replaced atomically, so no file is ever
-    half-written (a crash between two replacements can leave some files of the previous save).
+    Each file is written atomically (mlm/io.py): a reader sees the previous file or the new one, never part
+    of one. The folder is not: over an existing save, a crash between two files leaves a mix of the two.
+    config.json goes last, so an interrupted save into a new folder does not look like a model.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        dtype = next(model.parameters()).dtype
-        config = {**config_to_hf(model.config), "dtype": str(dtype).removeprefix("torch.")}
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(state_dict_to_hf(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(staging)
-        if target.exists():
-            for item in staging.iterdir():
-                os.replace(item, target / item.name)
-            staging.rmdir()
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = safetensors.torch.save(state_dict_to_hf(model), metadata={"format": "pt"})
+    atomic_write(folder / "model.safetensors", weights)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    dtype = next(model.parameters()).dtype
+    config = {**config_to_hf(model.config), "dtype": str(dtype).removeprefix("torch.")}
+    atomic_write(folder / "config.json", json.dumps(config, indent=2, sort_keys=True))

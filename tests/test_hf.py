@@ -8,10 +8,11 @@ import torch
 from conftest import FAMILIES
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
-from transformers import AutoModelForMaskedLM, BertConfig, BertForPreTraining, pipeline
+import transformers
+from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForPreTraining, pipeline
 
 import mlm
-from mlm.hf import load_model
+from mlm.hf import BASE, KEYS, expand, load_model
 
 
 def copy_folder(src, dst, drop=()):
@@ -55,7 +56,10 @@ def test_save_over_an_existing_folder_replaces_files(hf_checkpoints, tmp_path):
         model.head.bias.fill_(0.5)
     mlm.save_pretrained(model, tokenizer, tmp_path / "out")
     assert torch.all(load_model(tmp_path / "out").head.bias == 0.5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary file left behind
+        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+    ]
 
 
 def test_encoder_only_checkpoint_without_prefix_gets_a_new_head(hf_checkpoints, tmp_path, caplog):
@@ -102,20 +106,29 @@ def test_sharded_safetensors(hf_checkpoints, tmp_path):
         assert_close(model(ids), ref.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path):
+def folder_with(src, folder, state):
+    """A copy of the checkpoint folder src whose weights are state."""
+    copy_folder(src, folder, drop=("model.safetensors",))
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path, caplog):
     state = load_file(hf_checkpoints["bert"] / "model.safetensors")
 
-    def folder_with(name, new_state):
-        folder = copy_folder(hf_checkpoints["bert"], tmp_path / name, drop=("model.safetensors",))
-        save_file(new_state, folder / "model.safetensors")
-        return folder
+    # A key no table knows is skipped, and the note names it; the weights load as without it.
+    rotary = "bert.encoder.layer.0.attention.self.rotary.weight"
+    extra = folder_with(hf_checkpoints["bert"], tmp_path / "extra", {**state, rotary: torch.zeros(3)})
+    with caplog.at_level("INFO", logger="mlm"):
+        model = load_model(extra)
+    assert f"ignored 1 unused checkpoint keys ({rotary})" in caplog.text
+    reference = load_model(hf_checkpoints["bert"]).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
 
-    extra = folder_with("extra", {**state, "bert.encoder.layer.0.attention.self.rotary.weight": torch.zeros(3)})
-    with pytest.raises(mlm.CheckpointError, match=r"unexpected keys: bert\.encoder\.layer\.0\.attention\.self\.rotary\.weight"):
-        load_model(extra)
-
-    missing = folder_with("missing", {k: v for k, v in state.items() if "layer.1.output.dense.weight" not in k})
-    with pytest.raises(mlm.CheckpointError, match=r"missing keys: bert\.encoder\.layer\.1\.output\.dense\.weight"):
+    without = {k: v for k, v in state.items() if "layer.1.output.dense.weight" not in k}
+    missing = folder_with(hf_checkpoints["bert"], tmp_path / "missing", without)
+    with pytest.raises(mlm.CheckpointError, match=r"missing keys: bert\.encoder\.layer\.1\.output\.dense\.weight$"):
         load_model(missing)
 
     config = json.loads((hf_checkpoints["bert"] / "config.json").read_text())
@@ -123,6 +136,70 @@ def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path
     (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
     with pytest.raises(mlm.CheckpointError, match=r"shape mismatch.*blocks\.0\.fc1\.weight \(37, 45\) vs \(40, 45\)"):
         load_model(wrong)
+
+
+def test_checkpoint_with_extra_heads_loads_like_transformers(hf_checkpoints, tmp_path, caplog):
+    """Domain checkpoints ship task and auxiliary heads beside the MLM head; transformers skips them, so do we."""
+    state = load_file(hf_checkpoints["bert"] / "model.safetensors")
+    heads = {
+        "bert.pooler.dense.weight": torch.randn(45, 45), "bert.pooler.dense.bias": torch.randn(45),
+        "cls.seq_relationship.weight": torch.randn(2, 45), "cls.seq_relationship.bias": torch.randn(2),
+        "classifier.weight": torch.randn(3, 45), "classifier.bias": torch.randn(3),
+        "cls.aux.dense.weight": torch.randn(7, 45),
+        "some_head.0.weight": torch.randn(5), "some_head.1.weight": torch.randn(5),
+    }
+    folder = folder_with(hf_checkpoints["bert"], tmp_path / "heads", {**state, **heads})
+    with caplog.at_level("INFO", logger="mlm"):
+        model = load_model(folder)
+    notes = [r.getMessage() for r in caplog.records if r.name == "mlm"]
+    assert len(notes) == 1 and notes[0].startswith("ignored 9 unused checkpoint keys")
+    for group in ("bert.pooler.dense.*", "cls.seq_relationship.*", "classifier.*", "cls.aux.dense.weight",
+                  "some_head.*.weight"):
+        assert group in notes[0]
+
+    ref, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and set(info["unexpected_keys"]) == set(heads)
+    ids = sample_ids(model)
+    with torch.no_grad():
+        assert_close(model(ids), ref.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config_family, weights_family",
+                         [("bert", "roberta"), ("bert", "distilbert"), ("roberta", "bert"), ("distilbert", "bert")])
+def test_weights_of_another_family_are_refused_in_one_short_line(hf_checkpoints, tmp_path, config_family,
+                                                                 weights_family):
+    state = load_file(hf_checkpoints[weights_family] / "model.safetensors")
+    folder = folder_with(hf_checkpoints[config_family], tmp_path / "mixed", state)
+    with pytest.raises(mlm.CheckpointError, match=rf"does not match a {config_family} model: its keys are .*"
+                       rf"{weights_family}\.\*.*model_type.*missing keys: {config_family}\.embeddings\.") as err:
+        load_model(folder)
+    message = str(err.value)
+    # Every missing encoder weight is named, by pattern: layer indices collapse, weight and bias merge.
+    assert ".layer.*." in message and ".layer.0." not in message and ".layer.1." not in message
+    assert "\n" not in message and len(message) < 800
+
+
+TINY = {
+    "bert": dict(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=9),
+    "roberta": dict(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=9),
+    "distilbert": dict(vocab_size=50, dim=8, n_layers=2, n_heads=2, hidden_dim=9),
+}
+CLASSES = {  # the family's fullest model and its bare encoder, whose keys have no prefix
+    "bert": ("BertForPreTraining", "BertModel"),
+    "roberta": ("RobertaForMaskedLM", "RobertaModel"),
+    "distilbert": ("DistilBertForMaskedLM", "DistilBertModel"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_table_names_every_key_transformers_writes_and_no_other(family):
+    """Parameters and buffers (which older versions saved) alike, the `None` entries included."""
+    config = AutoConfig.for_model(family, **TINY[family])
+    full, bare = (getattr(transformers, name)(config) for name in CLASSES[family])
+    written = set(full.state_dict()) | {n for n, _ in full.named_buffers()}
+    written |= {BASE[family] + n for n in [*bare.state_dict(), *(n for n, _ in bare.named_buffers())]}
+    table = {n for names, _ in expand(KEYS[family], BASE[family], num_layers=2) for n in names}
+    assert written == table
 
 
 def test_bad_folders_raise_specific_errors(hf_checkpoints, tmp_path):
