@@ -1,16 +1,25 @@
 """Fast kernels for the hot path, each beside the plain-PyTorch reference that defines it.
 
 - `linear` (cpu_linear.py): fp32 linear layers on the CPU through oneDNN's GEMM; reference `linear_ref`.
+- `dropout` (cpu_dropout.py): dropout on the CPU as a thresholded uniform draw; reference `dropout_ref`.
+- `attention` (cpu_attention.py): softmax attention, written out with that dropout on the CPU in
+  training; reference `attention_ref`.
 - `linear_cross_entropy` (linear_cross_entropy.py): the MLM head's decoder and loss, chunked, in Triton;
   reference `linear_cross_entropy_ref`.
 
+Each function takes the reference's arguments and falls back to it wherever its fast path does not apply.
 Importing the package registers the fused loss as the custom op torch.ops.mlm.linear_cross_entropy.
 """
 
+from .cpu_attention import attention, attention_ref
+from .cpu_dropout import dropout, dropout_ref
 from .cpu_linear import linear, linear_ref
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
-__all__ = ["linear", "linear_ref", "linear_cross_entropy", "linear_cross_entropy_ref", "triton_available"]
+__all__ = [
+    "attention", "attention_ref", "dropout", "dropout_ref", "linear", "linear_ref",
+    "linear_cross_entropy", "linear_cross_entropy_ref", "triton_available",
+]
 
 
 def triton_available() -> bool:

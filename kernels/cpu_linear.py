@@ -1,27 +1,20 @@
 """fp32 linear layers on the CPU through oneDNN's GEMM instead of the BLAS behind `F.linear`.
 
-PyTorch's CPU build sends an fp32 `F.linear` to Intel MKL's sgemm, and only bf16/fp16 to oneDNN
-(which it also ships, as MKL-DNN). On AMD CPUs MKL does not take its fastest code path: on the Zen 5
-machine this project is developed on, oneDNN's fp32 GEMM runs the same products 2-2.5x faster, from a
-(1, 768) x (768, 30522) fill-mask head row to a (1024, 768) x (768, 3072) training matmul, forward and
-both backward products alike (BENCHMARKS.md). On Intel CPUs, where MKL takes its fast path, the
-difference should be small (not measured here).
+Why: PyTorch sends an fp32 `F.linear` on the CPU to Intel MKL's sgemm, and only bf16/fp16 to oneDNN,
+which it also ships. MKL picks its code path by CPU; where it does not take its fastest one (AMD CPUs),
+oneDNN's fp32 GEMM is about twice as fast on every product of the model (BENCHMARKS.md, "fp32 matmuls").
 
-It is the same computation: fp32 inputs, fp32 accumulation, only the blocking (the order of the
-additions) differs, so results agree with `F.linear` to fp32 rounding (about 1e-6 relative); the tests
-hold forward and gradients to the reference on awkward shapes.
+The same math: fp32 inputs, fp32 accumulation; only the blocking (the order of the additions) differs,
+so results agree with `F.linear` to fp32 rounding (about 1e-6 relative).
 
-The entry point is `torch.ops.mkldnn._linear_pointwise`, the op TorchInductor itself emits for CPU
-linear layers. It has no autograd formula, so `_OneDNNLinear` supplies one from the same op:
+The op is `torch.ops.mkldnn._linear_pointwise(a, b) = a @ b.T`, what TorchInductor emits for CPU linear
+layers. It has no autograd formula, so `_OneDNNLinear` supplies one from the same op, on transposed views:
 
     y = x @ W.T + b      grad_x = g @ W      grad_W = g.T @ x      grad_b = g.sum(0)
 
-each product written as `_linear_pointwise(a, b) = a @ b.T` with transposed views; where oneDNN needs
-another memory layout it reorders internally, and the timings in BENCHMARKS.md include that.
-
-`linear` falls back to `linear_ref` (plain `F.linear`) wherever this does not apply: other devices,
-other dtypes, CPU autocast (which already routes bf16 matmuls to oneDNN), inside torch.compile (which
-chooses its own kernels), builds without oneDNN, or `MLM_ONEDNN_LINEAR=0` in the environment.
+`linear` falls back to `linear_ref` (`F.linear`) wherever this does not apply: other devices or dtypes,
+CPU autocast (which already sends bf16 matmuls to oneDNN), inside torch.compile (which picks its own
+kernels), torch builds without oneDNN, and `MLM_ONEDNN_LINEAR=0` in the environment.
 
 Shapes: M rows, K input features, N output features.
 """

@@ -20,14 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import linear, linear_cross_entropy
+from kernels import attention, dropout, linear, linear_cross_entropy
 from mlm.errors import ConfigError, InputError
+from mlm.masking import IGNORE_INDEX
 
 FAMILIES = ("bert", "roberta", "distilbert")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names the CLIs take
-# The varlen path uses jagged nested tensors, the layout PyTorch develops; its CPU attention fallback
-# still says the older layout is a prototype, on every first call.
-warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 ACTIVATIONS = {
     "gelu": F.gelu,  # the exact erf form, as in the original BERT
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -76,25 +74,16 @@ class ModelConfig:
         return self.max_position_embeddings - self.position_offset
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout. torch's CPU kernel draws a Bernoulli per element; thresholding a uniform draw
-    is the same distribution and about twice as fast there. CUDA keeps torch's fused kernel."""
-    if not training or p == 0.0:
-        return x
-    if x.is_cuda:
-        return F.dropout(x, p, training=True)
-    keep = torch.rand(x.shape, device=x.device).ge_(p).div_(1.0 - p).to(x.dtype)
-    return x * keep
-
-
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose fp32 CPU matmuls go to oneDNN: see kernels/cpu_linear.py."""
+    """nn.Linear (same parameters, same state-dict keys) by kernels/cpu_linear.py: oneDNN for fp32 on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
 class Dropout(nn.Dropout):
+    """nn.Dropout (same `p`, same train/eval switch) by kernels/cpu_dropout.py: a cheaper draw on the CPU."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
 
@@ -146,15 +135,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         # mask: bool, True where a query may look at a key; (B, 1, 1, T) for padding, (B, 1, T, T) for documents.
-        if p_drop and not x.is_cuda:
-            # SDPA has no fused CPU kernel with dropout: it falls back to this same math and torch's
-            # slow dropout. Written out, with the cheaper dropout above.
-            att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, T)
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            y = dropout(att.softmax(dim=-1), p_drop, True) @ v  # (B, H, T, D)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        y = attention(q, k, v, mask, p_drop)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -168,10 +149,15 @@ class Attention(nn.Module):
         H = self.num_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (N, C) -> (S, H, j, D), j ragged
-            return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).unflatten(-1, (H, C // H)).transpose(1, 2)
+            nested = torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets)  # (S, j, C)
+            return nested.unflatten(-1, (H, C // H)).transpose(1, 2)  # (S, H, j, D)
 
         q, k, v = self.qkv(x).split(C, dim=1)  # 3 x (N, C)
-        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=p_drop)  # (S, H, j, D)
+        with warnings.catch_warnings():
+            # On the CPU, SDPA converts jagged nested tensors to the older nested layout, which warns
+            # once per process that it is a prototype.
+            warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+            y = attention(heads(q), heads(k), heads(v), None, p_drop)  # (S, H, j, D)
         return y.transpose(1, 2).flatten(-2).values()  # (N, C)
 
 
@@ -213,9 +199,9 @@ class MLMHead(nn.Module):
 class MaskedLM(nn.Module):
     """A BERT-family encoder with its MLM head.
 
-    `model(input_ids)` gives logits (B, T, V); with `labels` (-100 where nothing is predicted) it gives the
-    mean cross-entropy over the labelled positions, running the head on those rows only: at 15% masking
-    that skips about 85% of the vocabulary projection, the largest matmul in a small model.
+    `model(input_ids)` gives logits (B, T, V); with `labels` (IGNORE_INDEX where nothing is predicted) it
+    gives the mean cross-entropy over the labelled positions, running the head on those rows only: at 15%
+    masking that skips about 85% of the vocabulary projection, the largest matmul in a small model.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -253,7 +239,8 @@ class MaskedLM(nn.Module):
         attention_mask (B, T): 1 for real tokens, 0 for padding; padded keys are hidden from every query,
         so padding never changes the outputs at real positions.
         doc_ids (B, T): document number of each token in a packed block; tokens attend only within their
-        own document (padding, given its own id such as -1, is then a document of its own).
+        own document (padding, given its own id such as -1, is then a document of its own). Positions
+        still count from the start of the block.
         """
         B, T = input_ids.shape
         if T > self.config.max_tokens:
@@ -312,16 +299,27 @@ class MaskedLM(nn.Module):
         hidden = self.encode(input_ids, attention_mask, token_type_ids, doc_ids)  # (B, T, C)
         if labels is None:
             return self.logits(hidden)  # (B, T, V)
-        if max_predictions is None:
-            picked = labels != -100  # (B, T)
-            rows, targets = hidden[picked], labels[picked]  # (N, C), (N,)
-        else:
-            B, T, C = hidden.shape
-            order = (labels != -100).int().argsort(dim=1, descending=True, stable=True)[:, :max_predictions]  # (B, M)
-            rows = hidden.gather(1, order[..., None].expand(-1, -1, C)).view(-1, C)  # (B*M, C)
-            targets = labels.gather(1, order).view(-1)  # (B*M,), -100 where a row had fewer than M labels
+        rows, targets = self.labelled_rows(hidden, labels, max_predictions)  # (N, C), (N,)
         # The decoder matmul and the loss together: a fused, chunked kernel on GPU, plain PyTorch elsewhere.
         return linear_cross_entropy(self.head.transform(rows), self.embeddings.word.weight, self.head.bias, targets)
+
+    @staticmethod
+    def labelled_rows(
+        hidden: torch.Tensor, labels: torch.Tensor, max_predictions: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of hidden (B, T, C) that the head scores, and their targets: (N, C), (N,).
+
+        Without max_predictions, every labelled position in row order. With it, M rows per sequence (see
+        forward), where targets are IGNORE_INDEX for the padding rows.
+        """
+        if max_predictions is None:
+            picked = labels != IGNORE_INDEX  # (B, T)
+            return hidden[picked], labels[picked]  # (N, C), (N,)
+        C = hidden.shape[-1]
+        labelled_first = (labels != IGNORE_INDEX).int().argsort(dim=1, descending=True, stable=True)  # (B, T)
+        order = labelled_first[:, :max_predictions]  # (B, M)
+        rows = hidden.gather(1, order[..., None].expand(-1, -1, C)).view(-1, C)  # (B*M, C)
+        return rows, labels.gather(1, order).view(-1)  # (B*M, C), (B*M,)
 
     def set_dropout(self, p: float) -> None:
         """One dropout probability everywhere: embeddings, attention probabilities, residual branches."""

@@ -28,7 +28,7 @@ def leaves(lead, K, N, bias=True, x_grad=True, w_grad=True, transposed=False, se
 def run(fn, tensors, grad_out_seed=1):
     tensors = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
     y = fn(*tensors)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed), dtype=y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(y.dtype)  # same in fp64
     y.backward(g)
     return [y.detach()] + [None if t is None or not t.requires_grad else t.grad for t in tensors]
 

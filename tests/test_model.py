@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAMILIES, make_hf_checkpoint
 from torch.testing import assert_close
 from transformers import AutoModelForMaskedLM, BertModel
 
 import mlm
 from mlm.hf import load_model
+from mlm.masking import IGNORE_INDEX
 from mlm.model import MaskedLM, ModelConfig
 
 
@@ -75,7 +77,7 @@ def test_padding_never_changes_real_positions(hf_checkpoints, family):
 def test_loss_on_masked_rows_matches_transformers(hf_checkpoints, family):
     ref, ours = hf_model(hf_checkpoints[family]), load_model(hf_checkpoints[family])
     ids, attention = padded_batch(ours.config, seed=4)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     picks = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3) & attention.bool()
     labels[picks] = ids[picks]
     with torch.no_grad():
@@ -121,6 +123,25 @@ def test_real_weights_all_minilm_l6_v2(minilm_dir):
     assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("max_predictions", [None, 9])
+def test_labelled_rows_are_what_forward_scores(hf_checkpoints, max_predictions):
+    """encode -> labelled_rows -> logits -> cross-entropy is forward's loss: evaluation reuses this path."""
+    model = load_model(hf_checkpoints["bert"])
+    ids, attention = padded_batch(model.config, seed=4)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    picks = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3) & attention.bool()
+    labels[picks] = ids[picks]
+    with torch.no_grad():
+        rows, targets = model.labelled_rows(model.encode(ids, attention), labels, max_predictions)
+        loss = F.cross_entropy(model.logits(rows), targets, ignore_index=IGNORE_INDEX)
+        assert_close(loss, model(ids, attention, labels=labels, max_predictions=max_predictions))
+    if max_predictions is None:
+        assert torch.equal(targets, ids[picks])  # row order: batch row, then position
+    else:
+        assert rows.shape == (ids.shape[0] * max_predictions, model.config.hidden_size)
+        assert (targets != IGNORE_INDEX).sum() == picks.sum(1).clamp(max=max_predictions).sum()
+
+
 def test_dropout_only_in_training_mode(hf_checkpoints):
     model = load_model(hf_checkpoints["bert"])
     ids, attention = padded_batch(model.config)
@@ -130,26 +151,24 @@ def test_dropout_only_in_training_mode(hf_checkpoints):
         assert not torch.equal(model(ids, attention), model(ids, attention))
 
 
-def test_document_mask_equals_running_each_document_alone():
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense-mask", "varlen"])
+def test_document_mask_equals_running_each_document_alone(varlen):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
-                      max_position_embeddings=32, type_vocab_size=0, family="distilbert")
+                      max_position_embeddings=32, type_vocab_size=0, family="distilbert", varlen=varlen)
     model = MaskedLM(cfg).eval()
-    ids = torch.randint(5, 50, (1, 12))
-    doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+    # Positions keep counting across a packed block (the second document starts at 5), while a document
+    # run alone starts at 0: with every position row the same, the two runs see the same embeddings.
     with torch.no_grad():
-        hidden = model.encode(ids, doc_ids=doc_ids)[0]
-        # Positions restart per document only if we ask; here each document keeps its packed positions,
-        # so compare against a dense mask built by hand instead of separate runs.
-        mask = torch.zeros(12, 12, dtype=torch.bool)
-        mask[:5, :5] = True
-        mask[5:, 5:] = True
-        x = model.embeddings(ids)
-        for block in model.blocks:
-            x = block(x, mask[None, None])
-    assert_close(hidden, x[0])
+        model.embeddings.position.weight.copy_(model.embeddings.position.weight[0].clone())
+    ids = torch.randint(5, 50, (1, 14))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2])  # two documents, then padding
     with torch.no_grad():
-        assert not torch.allclose(hidden, model.encode(ids)[0], atol=1e-4)
+        packed = model.encode(ids, doc_ids >= 0, doc_ids=doc_ids)[0]  # (T, C)
+        for doc in (0, 1):
+            at = doc_ids[0] == doc
+            assert_close(packed[at], model.encode(ids[:, at])[0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(packed[:12], model.encode(ids[:, :12])[0], atol=1e-4)  # without the mask
 
 
 def test_config_validation():
@@ -174,8 +193,8 @@ def test_varlen_attention_equals_the_dense_mask_reference(with_docs):
     """Unpadded, per-document attention through nested tensors: same outputs and gradients as dense masks."""
     ids, attention, doc_ids = varlen_inputs()
     doc_ids = doc_ids if with_docs else None
-    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
-    labels[attention == 0] = -100
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, IGNORE_INDEX)
+    labels[attention == 0] = IGNORE_INDEX
     results = []
     for varlen in (False, True):
         torch.manual_seed(0)
@@ -193,35 +212,3 @@ def test_varlen_attention_equals_the_dense_mask_reference(with_docs):
     assert_close(l_var, l_dense, atol=1e-6, rtol=1e-6)
     for name in g_dense:
         assert_close(g_var[name], g_dense[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_fast_dropout_statistics():
-    """Our CPU dropout: drops a fraction p (within 0.3% over 1M draws) and scales the rest by 1/(1-p)."""
-    torch.manual_seed(0)
-    from mlm.model import dropout
-
-    x = torch.ones(1_000_000)
-    y = dropout(x, 0.1, training=True)
-    dropped = (y == 0).float().mean().item()
-    assert abs(dropped - 0.1) < 0.003
-    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
-    assert torch.equal(dropout(x, 0.1, training=False), x)
-    assert dropout(x.bfloat16(), 0.5, training=True).dtype == torch.bfloat16
-
-
-def test_cpu_attention_with_dropout_is_the_sdpa_math(monkeypatch):
-    """The written-out CPU attention (used when attention dropout is on) equals SDPA once dropout is identity."""
-    import mlm.model as model_module
-
-    ids, attention, doc_ids = varlen_inputs()
-    torch.manual_seed(0)
-    model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
-                                 max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.5))
-    with torch.no_grad():
-        expected = model.eval().encode(ids, attention, doc_ids=doc_ids)  # SDPA, no dropout
-        calls = []
-        monkeypatch.setattr(model_module, "dropout", lambda x, p, training: calls.append(p) or x)
-        got = model.train().encode(ids, attention, doc_ids=doc_ids)  # the written-out path
-    assert calls and all(p == 0.5 for p in calls if p)
-    real = attention.bool()
-    assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
