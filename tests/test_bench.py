@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench.py imports the benchmarks/ package beside it, as `python bench.py` finds it
+    sys.path.insert(0, str(ROOT))
 
 
 def load_bench():
@@ -85,10 +87,34 @@ def test_targets_judge_the_right_rows():
     assert collators[0].met is True and collators[1].target is None
 
 
-def test_flops_formula():
+def test_every_target_names_a_section_size_and_dtype_that_exist():
+    # A misspelt key would make a target match no row, and so silently never be judged.
     bench = load_bench()
+    for target in bench.TARGETS:
+        assert target.section in bench.SECTIONS, target
+        assert target.size in (None, *bench.SIZES), target
+        assert target.dtype in (None, "fp32", "bf16", "fp16"), target
+        assert target.device in (None, "cpu", "cuda"), target
+
+
+def test_repetition_defaults_are_the_ones_help_promises():
+    bench = load_bench()
+    from benchmarks.common import batch_for, steps_for, warmup_for
+
+    cpu = bench.parse_args(["--device", "cpu"])
+    assert (batch_for(cpu, 128), batch_for(cpu, 512)) == (8, 2)  # 1024 tokens' worth
+    assert (steps_for(cpu, "tiny"), steps_for(cpu, "small"), steps_for(cpu, "base")) == (10, 5, 5)
+    assert warmup_for(cpu, "base") == 1
+    assert warmup_for(bench.parse_args(["--device", "cpu", "--compile"]), "base") == 1 + 3  # compiling takes more
+    given = bench.parse_args(["--device", "cpu", "--batch", "3", "--steps", "7", "--warmup", "0"])
+    assert (batch_for(given, 128), steps_for(given, "tiny"), warmup_for(given, "tiny")) == (3, 7, 0)
+
+
+def test_flops_formula():
+    from benchmarks.vs_hf import flops_per_token, matmul_params
+
     # bert-base: 12 layers x (4*768^2 + 2*768*3072) + 768^2 + 768*30522 matmul parameters.
-    assert bench.matmul_params("base") == 12 * (4 * 768**2 + 2 * 768 * 3072) + 768**2 + 768 * 30522
-    per_token = 6 * bench.matmul_params("base") + 12 * 12 * 768 * 128
-    assert bench.flops_per_token("base", 128, training=True) == per_token
-    assert bench.flops_per_token("base", 128, training=False) == per_token / 3
+    assert matmul_params("base") == 12 * (4 * 768**2 + 2 * 768 * 3072) + 768**2 + 768 * 30522
+    per_token = 6 * matmul_params("base") + 12 * 12 * 768 * 128
+    assert flops_per_token("base", 128, training=True) == per_token
+    assert flops_per_token("base", 128, training=False) == per_token / 3

@@ -1,0 +1,1 @@
+"""The comparisons that bench.py runs, one module per comparison, over common.py (see bench.py's docstring)."""
