@@ -14,6 +14,7 @@ for WordPiece vocabularies and `<mask>`-style names for byte-level BPE.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,12 +24,17 @@ import torch
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
 
 from mlm.errors import TokenizerError
+from mlm.io import atomic_write, read_json
+from mlm.spm import SAVE_CONFIG_KEYS, build_from_spm, set_deberta_pipeline
 
 ROLES = ("mask", "pad", "cls", "sep", "unk")
 DEFAULT_SPECIALS = {
     "wordpiece": {"mask": "[MASK]", "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "unk": "[UNK]"},
     "bpe": {"mask": "<mask>", "pad": "<pad>", "cls": "<s>", "sep": "</s>", "unk": "<unk>"},
+    "unigram": {"mask": "[MASK]", "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "unk": "[UNK]"},
 }
+# What tokenizer_config.json names, so that AutoTokenizer rebuilds the same pipeline.
+TOKENIZER_CLASSES = {"wordpiece": "BertTokenizer", "bpe": "RobertaTokenizer", "unigram": "DebertaV2Tokenizer"}
 # The spellings users type for a mask; fill-mask maps any of them to the model's own mask token.
 MASK_ALIASES = ("[MASK]", "<mask>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -37,9 +43,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens.
 
-    `kind` is "wordpiece" (BERT, DistilBERT) or "bpe" (byte-level BPE: RoBERTa, DistilRoBERTa); it decides
-    how word boundaries are read for whole-word masking.
+    `kind` is "wordpiece" (BERT, DistilBERT), "bpe" (byte-level BPE: RoBERTa, DistilRoBERTa) or "unigram"
+    (SentencePiece: DeBERTa-v2/v3); it decides how word boundaries are read for whole-word masking.
     """
+
+    # One token and its id per role in ROLES (cls is RoBERTa's bos, sep its eos).
+    mask_token: str
+    mask_token_id: int
+    pad_token: str
+    pad_token_id: int
+    cls_token: str
+    cls_token_id: int
+    sep_token: str
+    sep_token_id: int
+    unk_token: str
+    unk_token_id: int
 
     def __init__(
         self,
@@ -56,15 +74,12 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.extra_config = dict(extra_config or {})
-        for role in ROLES:
-            token = self.specials[role]
-            token_id = backend.token_to_id(token)
-            if token_id is None:
-                raise TokenizerError(
-                    f"the {role} token {token!r} is not in the vocabulary; name the right one in tokenizer_config.json"
-                )
-            setattr(self, f"{role}_token", token)
-            setattr(self, f"{role}_token_id", token_id)
+        ids = {role: _special_id(backend, self.specials[role], role) for role in ROLES}
+        self.mask_token, self.mask_token_id = self.specials["mask"], ids["mask"]
+        self.pad_token, self.pad_token_id = self.specials["pad"], ids["pad"]
+        self.cls_token, self.cls_token_id = self.specials["cls"], ids["cls"]
+        self.sep_token, self.sep_token_id = self.specials["sep"], ids["sep"]
+        self.unk_token, self.unk_token_id = self.specials["unk"], ids["unk"]
         # Ids that masking must never choose and that decoding with skip_special_tokens drops.
         self.special_ids = sorted({backend.token_to_id(t) for t in self.specials.values()})
 
@@ -75,8 +90,8 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise TokenizerError(f"tokenizer folder {str(folder)!r} does not exist; pass a local model folder")
-        config = _read_json(folder / "tokenizer_config.json")
-        specials_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json(folder / "tokenizer_config.json", TokenizerError)
+        specials_map = read_json(folder / "special_tokens_map.json", TokenizerError)
 
         if (folder / "tokenizer.json").is_file():
             backend = Backend.from_file(str(folder / "tokenizer.json"))
@@ -84,6 +99,14 @@ class Tokenizer:
             backend.no_padding()
             backend.no_truncation()
             kind = _kind_of(backend)
+            if kind == "unigram" and str(config.get("tokenizer_class", "")).startswith("DebertaV2"):
+                # transformers keeps only the vocabulary and added tokens, and rebuilds the rest from the flags.
+                set_deberta_pipeline(backend, do_lower_case=config.get("do_lower_case", False),
+                                     split_by_punct=config.get("split_by_punct", False),
+                                     add_prefix_space=config.get("add_prefix_space", True))
+        elif (folder / "spm.model").is_file():  # DeBERTa-v2/v3 folders ship only the SentencePiece model
+            backend, specials, extra = build_from_spm(folder)
+            return cls(backend, specials, model_max_length=_model_max_length(config), extra_config=extra)
         elif (folder / "vocab.txt").is_file():
             kind = "wordpiece"
             backend = None
@@ -92,7 +115,7 @@ class Tokenizer:
             backend = None
         else:
             raise TokenizerError(
-                f"no tokenizer in {str(folder)!r}: expected tokenizer.json, vocab.txt, or vocab.json + merges.txt"
+                f"no tokenizer in {str(folder)!r}: expected tokenizer.json, spm.model, vocab.txt, or vocab.json + merges.txt"
             )
 
         specials = dict(DEFAULT_SPECIALS[kind])
@@ -112,42 +135,48 @@ class Tokenizer:
                 chinese_chars=config.get("tokenize_chinese_chars", True),
             )
         elif backend is None:
-            vocab = _read_json(folder / "vocab.json")
+            vocab = read_json(folder / "vocab.json", TokenizerError)
             merges = _read_merges(folder / "merges.txt")
             backend = build_byte_level_bpe(
                 vocab, merges, specials, add_prefix_space=config.get("add_prefix_space", False), mask_lstrip=False
             )
 
-        max_len = config.get("model_max_length", 512)
-        if not isinstance(max_len, int) or max_len > 1_000_000:  # HF writes a huge sentinel for "unset"
-            max_len = 512
         kept = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "add_prefix_space")
+        if kind == "unigram":
+            kept = SAVE_CONFIG_KEYS
         keep = {k: config[k] for k in kept if k in config}
         return cls(
             backend,
             specials,
-            model_max_length=max_len,
+            model_max_length=_model_max_length(config),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             extra_config=keep,
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into a folder."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into a folder, each whole."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
+        for name, text in self.files().items():
+            atomic_write(folder / name, text)
+
+    def files(self) -> dict[str, str]:
+        """The text of each file in TOKENIZER_FILES, as `save` writes them."""
         tokens = {f"{role}_token": self.specials[role] for role in ROLES}
         if self.kind == "bpe":  # RoBERTa names cls/sep as bos/eos too
             tokens.update(bos_token=self.cls_token, eos_token=self.sep_token)
         config = {
-            "tokenizer_class": "RobertaTokenizer" if self.kind == "bpe" else "BertTokenizer",
+            "tokenizer_class": TOKENIZER_CLASSES[self.kind],
             "model_max_length": self.model_max_length,
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
             **self.extra_config,
             **tokens,
         }
-        _atomic_write(folder / "tokenizer.json", self.backend.to_str(pretty=True))
-        _atomic_write(folder / "tokenizer_config.json", json.dumps(config, indent=2))
-        _atomic_write(folder / "special_tokens_map.json", json.dumps(tokens, indent=2))
+        return {
+            "tokenizer.json": self.backend.to_str(pretty=True),
+            "tokenizer_config.json": json.dumps(config, indent=2),
+            "special_tokens_map.json": json.dumps(tokens, indent=2),
+        }
 
     # --------------------------------------------------------------------------------------- encoding
     @property
@@ -187,7 +216,8 @@ class Tokenizer:
         """True at the first token of each word, and at every special token (a word on its own).
 
         Word ids come from the pre-tokenizer: BERT's splits on spaces and punctuation, byte-level BPE's
-        keeps a leading space with its word (" world" is one word), as HF's whole-word masking assumes.
+        keeps a leading space with its word (" world" is one word), as HF's whole-word masking assumes;
+        SentencePiece's Metaspace starts a word at each piece that begins with "▁".
         """
         starts, previous = [], None
         for word in encoding.word_ids:
@@ -204,9 +234,40 @@ class Tokenizer:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
 
+# ------------------------------------------------------------------------------------------ fingerprints
+# A prepared dataset records both, so token ids are never read with a tokenizer that means other words by them.
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer.json text that `Tokenizer.save` writes: names the whole pipeline."""
+    return hashlib.sha256(tokenizer.backend.to_str(pretty=True).encode("utf-8")).hexdigest()
+
+
+def vocab_sha256(tokenizer: Tokenizer) -> str:
+    """sha256 of the token → id table: equal exactly when token ids mean the same to two tokenizers,
+    even when one was loaded from tokenizer.json and the other rebuilt from vocab.txt."""
+    by_id = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(by_id, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------ builders
+def _model_max_length(config: dict) -> int:
+    max_len = config.get("model_max_length", 512)
+    return max_len if isinstance(max_len, int) and max_len <= 1_000_000 else 512  # HF's huge sentinel: "unset"
+
+
+def _special_id(backend: Backend, token: str, role: str) -> int:
+    token_id = backend.token_to_id(token)
+    if token_id is None:
+        raise TokenizerError(
+            f"the {role} token {token!r} is not in the vocabulary; name the right one in tokenizer_config.json"
+        )
+    return token_id
+
+
 def _kind_of(backend: Backend) -> str:
-    """"bpe" for a byte-level pre-tokenizer (RoBERTa's), else "wordpiece"."""
+    """"unigram" for a SentencePiece model (DeBERTa's), "bpe" for a byte-level pre-tokenizer (RoBERTa's), else
+    "wordpiece"."""
+    if isinstance(backend.model, models.Unigram):
+        return "unigram"
     return "bpe" if isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) else "wordpiece"
 
 
@@ -278,13 +339,6 @@ def clean_up_spaces(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ file I/O
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore or delete the file") from None
 
 
 def _read_vocab_txt(path: Path) -> dict[str, int]:
@@ -302,9 +356,3 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
         left, right = line.split(" ")
         merges.append((left, right))
     return merges
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
