@@ -20,7 +20,7 @@ import torch
 
 import mlm
 from mlm.errors import InputError, run_cli
-from mlm.fill_mask import fill_mask
+from mlm.fillmask import fill_mask
 from mlm.model import DTYPES
 
 

@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=8 train.py --preset bert-base --data corpus/ --dtype bf16 --compile
     python train.py --preset imdb --init ~/models/distilbert-base-uncased --data imdb.jsonl
 
-One script, read top to bottom: config -> distributed set-up -> data -> model -> optimizer and schedule ->
-fixed-mask validation set -> training loop (accumulation, AMP, clipping, eval, checkpoints) -> export.
+One script, read top to bottom: config -> data -> model -> optimizer and schedule -> evaluation ->
+one training step -> the loop (`train`) -> export. Devices and process groups are in mlm/distributed.py,
+checkpoints and metrics in mlm/checkpoint.py.
 
 Config precedence: dataclass defaults < --preset < --config FILE.toml < command-line flags. Model fields
 (hidden_size, num_layers, ...) are flags too, and a [model] table in the TOML file.
@@ -21,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import math
-import os
 import sys
 import time
 import tomllib
+import types
+import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,12 +41,15 @@ from tqdm import tqdm
 
 import mlm
 from mlm import data as mdata
-from mlm.errors import CheckpointError, ConfigError, MLMError, run_cli
-from mlm.fill_mask import fill_mask
-from mlm.hf import check_device, load_model
-from mlm.masking import mask_eval_blocks, mask_tokens, row_seeds_for
+from mlm.checkpoint import RunFolder, comparable
+from mlm.corpus import Corpus, default_corpus
+from mlm.distributed import Dist, all_reduce_sum, barrier, setup_distributed
+from mlm.errors import ConfigError, MLMError, run_cli
+from mlm.hf import load_model
+from mlm.masking import IGNORE_INDEX, mask_eval_blocks, mask_tokens, row_seeds_for
 from mlm.model import DTYPES, MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
+from mlm.tokenizer_train import train_tokenizer
 
 
 @dataclass
@@ -127,26 +133,17 @@ NEEDS_INIT = ("imdb", "eli5", "minilm")
 # ============================================================================================ config
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """defaults < preset < TOML file < flags. Unknown keys are errors, not silently ignored."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainConfig)}
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Every flag is a field of TrainConfig (train.py) or ModelConfig (mlm/model.py); the comment beside "
                "each field says what it does. Booleans also take --no-NAME.")
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--config", help="TOML file of settings ([model] table for model fields)")
-    for name, f in {**fields, **model_fields}.items():
-        if name in ("model", "preset") and name in fields:  # a dict, and the flag above
-            continue
-        flag = "--" + name.replace("_", "-")
-        if f.type in ("bool",):
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
-        elif name == "data":
-            p.add_argument(flag, dest=name, nargs="+", default=None)
-        elif name == "betas":
-            p.add_argument(flag, dest=name, nargs=2, type=float, default=None)
-        else:
-            p.add_argument(flag, dest=name, type=_parser_for(f.type), default=None)
+    for name, hint in hints.items():
+        if name not in ("model", "preset"):  # a dict of the fields below, and the flag above
+            p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **_flag_kwargs(hint))
     args = p.parse_args(argv)
 
     if args.preset not in PRESETS:
@@ -168,11 +165,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     for name, value in vars(args).items():
         if value is None or name in ("preset", "config"):
             continue
-        if name in model_fields and name not in fields:
-            settings.setdefault("model", {})[name] = value
-        else:
+        if name in fields:
             settings[name] = value
-    unknown = set(settings.get("model", {})) - set(model_fields)
+        else:
+            settings.setdefault("model", {})[name] = value
+    unknown = set(settings.get("model", {})) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ConfigError(f"unknown model setting(s) {', '.join(sorted(unknown))}; see ModelConfig in mlm/model.py")
     if "betas" in settings:
@@ -189,46 +186,22 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def _parser_for(type_name: str):
-    if "float" in type_name:
-        return float
-    if "int" in type_name:
-        return int
-    return str
-
-
-# ======================================================================================= distributed
-def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from the torchrun environment; a single process without it."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device:
-        check_device(cfg.device)
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def _flag_kwargs(hint) -> dict:
+    """argparse settings for a field's type: `X | None` is an X; lists take one or more values, tuples a fixed count."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    origin, parts = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return dict(action=argparse.BooleanOptionalAction)
+    if origin is list:
+        return dict(nargs="+", type=parts[0])
+    if origin is tuple:
+        return dict(nargs=len(parts), type=parts[0])
+    return dict(type=hint)
 
 
 # ============================================================================================== data
-def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> tuple[Path, Tokenizer]:
+def prepare_data(cfg: TrainConfig, out: Path, job: Dist) -> tuple[Path, Tokenizer]:
     """The tokenizer and a prepared dataset folder. Rank 0 does the work; the others wait, then read it."""
     prepared = len(cfg.data) == 1 and (Path(cfg.data[0]) / "meta.json").is_file()
     if cfg.init:
@@ -239,29 +212,70 @@ def prepare_data(cfg: TrainConfig, out: Path, rank: int, world: int) -> tuple[Pa
         tokenizer_dir = Path(cfg.data[0])
     else:
         tokenizer_dir = out / "tokenizer"
-    if rank == 0 and not (cfg.init or cfg.tokenizer or prepared) and not (tokenizer_dir / "tokenizer.json").is_file():
-        corpus = mdata.Corpus(cfg.data, text_field=cfg.text_field) if cfg.data else mdata.default_corpus()
+    if job.master and not (cfg.init or cfg.tokenizer or prepared) and not (tokenizer_dir / "tokenizer.json").is_file():
+        corpus = Corpus(cfg.data, text_field=cfg.text_field) if cfg.data else default_corpus()
         vocab_size = cfg.model.get("vocab_size", 30522)
         print(f"training a {cfg.tokenizer_kind} tokenizer of {vocab_size} tokens on {corpus}", file=sys.stderr)
-        mdata.train_tokenizer(corpus, cfg.tokenizer_kind, vocab_size).save(tokenizer_dir)
-    barrier(world)
+        train_tokenizer(corpus, cfg.tokenizer_kind, vocab_size).save(tokenizer_dir)
+    barrier(job.world)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
 
     if prepared:
         data_dir = Path(cfg.data[0])
     elif not cfg.data:
-        data_dir = mdata.default_dataset(tokenizer, progress=rank == 0) if rank == 0 else None
+        data_dir = mdata.default_dataset(tokenizer, progress=job.master) if job.master else None
     else:
         data_dir = out / "data"
-        if rank == 0 and not (data_dir / "meta.json").is_file():
+        if job.master and not (data_dir / "meta.json").is_file():
             mdata.prepare(cfg.data, data_dir, tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
                           seed=cfg.seed)
-    if world > 1:  # the cache folder's name is only known to rank 0
+    if job.world > 1:  # the cache folder's name is only known to rank 0
         shared = [str(data_dir) if data_dir else None]
         dist.broadcast_object_list(shared, src=0)
         data_dir = Path(shared[0])
     mdata.check_vocab(mdata.load_dataset_meta(data_dir), tokenizer)
     return data_dir, tokenizer
+
+
+def masking_settings(cfg: TrainConfig, tokenizer: Tokenizer) -> dict:
+    """The keyword arguments of mask_tokens that stay the same all run long."""
+    return dict(mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
+                special_ids=tokenizer.special_ids, mlm_probability=cfg.mlm_probability,
+                mask_replace_prob=cfg.mask_replace_prob, random_replace_prob=cfg.random_replace_prob)
+
+
+def validation_set(cfg: TrainConfig, data_dir: Path, masking: dict) -> dict:
+    """The validation blocks, masked once from the seed: the same masks for every run and every world size."""
+    blocks = mdata.PackedBlocks(data_dir, "val", cfg.block_size, remainder="pad")
+    val = blocks.get(range(min(cfg.eval_blocks, len(blocks))))
+    if not cfg.doc_attention:
+        del val["doc_ids"]
+    val["masked_ids"], val["labels"] = mask_eval_blocks(
+        val["input_ids"], seed=cfg.seed, attention_mask=val["attention_mask"],
+        word_starts=val["word_starts"] if cfg.whole_word_mask else None, **masking)
+    return val
+
+
+class MicroBatch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T) masked ids
+    labels: torch.Tensor  # (B, T) original ids where masked, IGNORE_INDEX elsewhere
+    doc_ids: torch.Tensor | None  # (B, T) with --doc-attention, for attention within documents
+
+
+def assemble_batch(step: int, cfg: TrainConfig, plan: mdata.BatchPlan, blocks: mdata.PackedBlocks, masking: dict,
+                   device: torch.device) -> list[MicroBatch]:
+    """This rank's micro-batches of `step`, masked. Each block's mask is seeded by its place in the data stream,
+    so it is the same whichever rank and micro-batch the block lands in."""
+    out = []
+    for indices, positions in plan.rows(step):
+        batch = {k: v.to(device, non_blocking=True) for k, v in blocks.get(indices).items()}
+        ids, labels = mask_tokens(batch["input_ids"], row_seeds=row_seeds_for(cfg.seed, torch.from_numpy(positions)),
+                                  attention_mask=batch["attention_mask"], static=cfg.static_masking or cfg.compile,
+                                  word_starts=batch["word_starts"] if cfg.whole_word_mask else None, **masking)
+        # Training blocks are always full (the remainder is dropped), so no attention mask is passed: SDPA can
+        # then pick FlashAttention on a GPU instead of a masked kernel.
+        out.append(MicroBatch(ids, labels, batch["doc_ids"] if cfg.doc_attention else None))
+    return out
 
 
 # ============================================================================================= model
@@ -308,11 +322,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 # ======================================================================================== evaluation
 @torch.no_grad()
-def evaluate(model: MaskedLM, val: dict, rank: int, world: int, micro: int, autocast) -> dict:
+def evaluate(model: MaskedLM, val: dict, job: Dist, micro: int, autocast) -> dict:
     """Loss, perplexity and accuracy over every masked token of the fixed validation set, on all ranks."""
     model.eval()
     n = val["input_ids"].shape[0]
-    share = range(rank * n // world, (rank + 1) * n // world)  # contiguous; the masks were fixed globally
+    share = range(job.rank * n // job.world, (job.rank + 1) * n // job.world)  # contiguous; the masks were fixed globally
     device = next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for start in range(share.start, share.stop, micro):
@@ -320,308 +334,217 @@ def evaluate(model: MaskedLM, val: dict, rank: int, world: int, micro: int, auto
         ids, attention, labels = (val[k][rows].to(device) for k in ("masked_ids", "attention_mask", "labels"))
         doc_ids = val["doc_ids"][rows].to(device) if "doc_ids" in val else None
         with autocast:
-            hidden = model.encode(ids, attention, doc_ids=doc_ids)
-            picked = labels != -100
-            logits = model.logits(hidden[picked]).float()  # (N, V)
-        targets = labels[picked]
+            hidden, targets = model.labelled_rows(model.encode(ids, attention, doc_ids=doc_ids), labels)
+            logits = model.logits(hidden).float()  # (N, V)
         totals[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         totals[1] += (logits.argmax(-1) == targets).sum()
         totals[2] += targets.numel()
-    loss_sum, correct, count = all_reduce_sum(totals, world).tolist()
+    loss_sum, correct, count = all_reduce_sum(totals, job.world).tolist()
     model.train()
     loss = loss_sum / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 100.0)), "val_acc": correct / max(count, 1),
             "val_tokens": int(count)}
 
 
-# ======================================================================================= checkpoints
-def checkpoint_paths(out: Path) -> list[Path]:
-    """Checkpoints in the out folder, newest first."""
-    return sorted((out / "checkpoints").glob("step_*.pt"), reverse=True)
+# ========================================================================================= one step
+def train_step(model, micro_batches: list[MicroBatch], optimizer, scaler, autocast, cfg: TrainConfig,
+               world: int, max_predictions: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over the micro-batches, then clip and step: (global mean loss, grad norm), on device.
+
+    Each micro-batch's mean loss is weighted by its share of the step's masked tokens over all ranks, so
+    the gradient is that of the mean over the whole global batch, whatever the layout.
+    """
+    counts = [(mb.labels != IGNORE_INDEX).sum() for mb in micro_batches]
+    total = all_reduce_sum(torch.stack(counts).sum().double(), world)
+    step_loss = torch.zeros((), device=total.device, dtype=torch.float64)
+    for i, mb in enumerate(micro_batches):
+        # DDP all-reduces gradients in the last micro-batch's backward only.
+        sync = nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
+        with sync:
+            with autocast:
+                mean_loss = model(mb.input_ids, labels=mb.labels, doc_ids=mb.doc_ids, max_predictions=max_predictions)
+            # Sum of token losses over the global count; DDP averages over ranks, so scale by world back.
+            loss = mean_loss * counts[i] / total * world
+            scaler.scale(loss).backward()
+        step_loss += loss.detach().double() / world
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+    return all_reduce_sum(step_loss, world), grad_norm
 
 
-def save_checkpoint(state: dict, out: Path, step: int, keep: set[Path], keep_last: int) -> None:
-    """Write atomically (temporary name, fsync, rename), then drop old ones except the best and the last K."""
-    folder = out / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:08d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in checkpoint_paths(out)[keep_last:]:
-        if old not in keep:
-            old.unlink()
+@dataclass
+class Progress:
+    """What the loop carries from step to step, and what a checkpoint restores with the weights."""
+
+    step: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient
 
 
-def load_newest_checkpoint(out: Path) -> dict | None:
-    """The newest checkpoint that loads; a corrupt or truncated one is reported and skipped."""
-    for path in checkpoint_paths(out):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not {"model", "optimizer", "step", "config"} <= set(state):
-                raise CheckpointError("keys are missing")
-            state["path"] = str(path)
-            return state
-        except Exception as e:  # a damaged zip raises many types
-            print(f"warning: skipping damaged checkpoint {path} ({type(e).__name__}: {e})", file=sys.stderr)
-    return None
+def checkpoint_state(cfg: TrainConfig, model: MaskedLM, optimizer, scaler, progress: Progress) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": progress.step, "best_val": progress.best_val, "best_step": progress.best_step,
+            "config": comparable(asdict(cfg)), "model_config": asdict(model.config)}
 
 
-# Settings that must match to resume a run; the rest (max_steps, eval_every, ...) may change.
-RESUME_KEYS = ("init", "model", "block_size", "global_batch_size", "seed", "mlm_probability", "whole_word_mask",
-               "tokenizer", "tokenizer_kind", "data")
-
-
-def check_out_folder(cfg: TrainConfig, out: Path) -> dict | None:
-    """The state to resume from, if any; refuses to mix two runs in one folder."""
-    existing = checkpoint_paths(out)
-    if not cfg.resume:
-        if existing or (out / "final").exists():
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        return None
-    state = load_newest_checkpoint(out)
+def restore(state: dict | None, model: MaskedLM, optimizer, scaler, master: bool) -> Progress:
     if state is None:
-        if existing:
-            raise CheckpointError(f"every checkpoint in {out / 'checkpoints'} is damaged; remove them to start over")
-        print(f"note: no checkpoint in {out}, starting from step 0", file=sys.stderr)
-        return None
-    before, now = state["config"], asdict(cfg)
-    changed = [k for k in RESUME_KEYS if _comparable(before.get(k)) != _comparable(now.get(k))]
-    if changed:
-        raise ConfigError(f"--resume with different {', '.join(changed)} than the run in {out}; use the same settings")
-    return state
+        return Progress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if master:
+        print(f"resuming from {state['path']} at step {state['step']}", file=sys.stderr)
+    return Progress(state["step"], state["best_val"], state["best_step"])
 
 
-def _comparable(value):
-    return json.loads(json.dumps(value))  # tuples and lists compare equal after a round trip
-
-
-# ======================================================================================== the script
+# ========================================================================================= the loop
 def main() -> None:
     cfg = parse_config()
-    rank, world, device = setup_distributed(cfg)
+    job = setup_distributed(cfg.device)
     try:
-        train(cfg, rank, world, device)
+        train(cfg, job)
     finally:
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
-    master = rank == 0
-    out = Path(cfg.out)
+def train(cfg: TrainConfig, job: Dist) -> None:
+    master, run, device = job.master, RunFolder(cfg.out), job.device
     if cfg.init and not Path(cfg.init).is_dir():
         raise ConfigError(f"--init folder {cfg.init!r} does not exist; pass a local Hugging Face model folder")
-    resume_state = check_out_folder(cfg, out)
+    resume_state = run.resume_state(asdict(cfg), cfg.resume)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-
-    # --- data: tokenizer, token arrays, the packed training blocks, and this rank's share of each step
-    data_dir, tokenizer = prepare_data(cfg, out, rank, world)
+        run.out.mkdir(parents=True, exist_ok=True)
+    data_dir, tokenizer = prepare_data(cfg, run.out, job)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer).to(device).train()
     mdata.check_block_size(cfg.block_size, model.config.max_tokens, "usable positions")
-    train_blocks = mdata.PackedBlocks(data_dir, "train", cfg.block_size)
-    if not cfg.max_steps:
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train_blocks) / cfg.global_batch_size))
-    plan = mdata.BatchPlan(len(train_blocks), cfg.global_batch_size, world, rank, cfg.micro_batch_size or None,
+    blocks = mdata.PackedBlocks(data_dir, "train", cfg.block_size)
+    cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(blocks) / cfg.global_batch_size))
+    plan = mdata.BatchPlan(len(blocks), cfg.global_batch_size, job.world, job.rank, cfg.micro_batch_size or None,
                            seed=cfg.seed)
+    masking = masking_settings(cfg, tokenizer)
+    val = validation_set(cfg, data_dir, masking)
     # Static masking gives at most this many labels per row; the head then scores a fixed number of rows.
     static = cfg.static_masking or cfg.compile
     max_predictions = max(1, round(cfg.mlm_probability * cfg.block_size)) if static else None
-    masking = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
-                   special_ids=tokenizer.special_ids, mlm_probability=cfg.mlm_probability,
-                   mask_replace_prob=cfg.mask_replace_prob, random_replace_prob=cfg.random_replace_prob)
 
-    # --- the validation set, masked once from the seed: same masks for every run and every world size
-    val_blocks = mdata.PackedBlocks(data_dir, "val", cfg.block_size, remainder="pad")
-    val = val_blocks.get(range(min(cfg.eval_blocks, len(val_blocks))))
-    if not cfg.doc_attention:
-        del val["doc_ids"]
-    val["masked_ids"], val["labels"] = mask_eval_blocks(
-        val["input_ids"], seed=cfg.seed, attention_mask=val["attention_mask"],
-        word_starts=val["word_starts"] if cfg.whole_word_mask else None, **masking)
-
-    # --- model, optimizer, schedule, AMP
-    model.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
-    amp_dtype = DTYPES[cfg.dtype]
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    start_step, best_val, best_step = 0, math.inf, -1
-    if resume_state:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scaler.load_state_dict(resume_state["scaler"])
-        start_step, best_val, best_step = resume_state["step"], resume_state["best_val"], resume_state["best_step"]
-        if master:
-            print(f"resuming from {resume_state['path']} at step {start_step}", file=sys.stderr)
+    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "fp32")
+    progress = restore(resume_state, model, optimizer, scaler, master)
     del resume_state
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    metrics_path = out / "metrics.jsonl"
+    step_model = torch.compile(model) if cfg.compile else model
+    if job.world > 1:
+        step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
-        keep_metrics_until(metrics_path, start_step)
-        summary = (f"{raw_model.config.family} model, {raw_model.num_parameters() / 1e6:.1f}M parameters, "
-                   f"{len(train_blocks)} train blocks of {cfg.block_size}, {val['labels'].ne(-100).sum()} masked "
-                   f"val tokens, {world} process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step")
-        print(summary, file=sys.stderr)
+        run.keep_metrics_until(progress.step)
+        print(f"{model.config.family} model, {model.num_parameters() / 1e6:.1f}M parameters, {len(blocks)} train "
+              f"blocks of {cfg.block_size}, {val['labels'].ne(IGNORE_INDEX).sum()} masked val tokens, {job.world} "
+              f"process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step", file=sys.stderr)
 
-    def log(record: dict) -> None:
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    validate = functools.partial(validate_and_keep_best, cfg, run, model, tokenizer, val, plan.micro_batch, autocast,
+                                 progress, job)
 
-    def checkpoint(step: int) -> None:
-        if master:
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step,
-                     "best_val": best_val, "best_step": best_step, "config": _comparable(asdict(cfg)),
-                     "model_config": asdict(raw_model.config)}
-            save_checkpoint(state, out, step, keep={out / "checkpoints" / f"step_{best_step:08d}.pt"},
-                            keep_last=cfg.keep_last)
-        barrier(world)
-
-    def run_eval(step: int) -> dict:
-        nonlocal best_val, best_step
-        result = evaluate(raw_model, val, rank, world, plan.micro_batch, autocast)
-        log({"step": step, **result})
-        if step > 0 and result["val_loss"] < best_val:  # step 0 is the baseline, not a result
-            best_val, best_step = result["val_loss"], step
-            if master:
-                mlm.save_pretrained(raw_model, tokenizer, out / "best")
-        if master:
-            plot_metrics(metrics_path, out / "loss.png")
-            tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}  "
-                       f"acc {result['val_acc']:.3f}", file=sys.stderr)
-        return result
-
-    # --- the loop, after a baseline evaluation (perplexity before any update)
-    if start_step == 0:
-        run_eval(0)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not master, dynamic_ncols=True, file=sys.stderr)
-    bad_steps, tokens_seen, clock = 0, 0, time.perf_counter()
-    for step in range(start_step, cfg.max_steps):
+    if progress.step == 0:
+        validate()  # the baseline: perplexity before any update
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not master, dynamic_ncols=True, file=sys.stderr)
+    tokens_seen, clock = 0, time.perf_counter()
+    for step in range(progress.step, cfg.max_steps):
         # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed run draws what it would have;
         # the learning rate is a function of the step too, so neither needs state in the checkpoint.
-        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        torch.manual_seed(cfg.seed * 1_000_003 + step * job.world + job.rank)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
-
-        # Mask every micro-batch first: the loss is normalised by the masked tokens of the whole step.
-        micro_batches = []
-        for blocks, positions in plan.rows(step):
-            batch = {k: v.to(device, non_blocking=True) for k, v in train_blocks.get(blocks).items()}
-            ids, labels = mask_tokens(batch["input_ids"], row_seeds=row_seeds_for(cfg.seed, torch.from_numpy(positions)),
-                                      attention_mask=batch["attention_mask"], static=static,
-                                      word_starts=batch["word_starts"] if cfg.whole_word_mask else None, **masking)
-            # Training blocks are always full (the remainder is dropped): no attention mask, which lets
-            # SDPA pick FlashAttention on a GPU instead of a masked kernel.
-            micro_batches.append((ids, None, labels, batch["doc_ids"] if cfg.doc_attention else None))
-            tokens_seen += len(blocks) * cfg.block_size * world
-        masked_counts = [(labels != -100).sum() for _, _, labels, _ in micro_batches]
-        masked_total = all_reduce_sum(torch.stack(masked_counts).sum().double(), world)
-
-        step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for i, (ids, attention, labels, doc_ids) in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = nullcontext() if last or world == 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    mean_loss = model(ids, attention_mask=attention, labels=labels, doc_ids=doc_ids,
-                                      max_predictions=max_predictions)
-                # Sum of token losses over the global count; DDP averages over ranks, so scale by world back.
-                loss = mean_loss * masked_counts[i] / masked_total * world
-                scaler.scale(loss).backward()
-            step_loss += loss.detach().double() / world
-
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        step_loss = all_reduce_sum(step_loss, world)
-        loss_value, norm_value = step_loss.item(), grad_norm.item()
-        if math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled()):
-            scaler.step(optimizer)  # with fp16, skips by itself when the scaled gradients overflowed
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            if master:
-                tqdm.write(f"warning: non-finite loss or gradient at step {step}; step skipped", file=sys.stderr)
-            if bad_steps >= cfg.max_bad_steps:
-                raise MLMError(f"loss was NaN/inf for {bad_steps} steps in a row (step {step}); lower --lr, "
-                               "use --dtype bf16 or fp32, or check the data")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-
+        micro_batches = assemble_batch(step, cfg, plan, blocks, masking, device)
+        loss, grad_norm = train_step(step_model, micro_batches, optimizer, scaler, autocast, cfg, job.world,
+                                     max_predictions)
+        apply_update(loss, grad_norm, optimizer, scaler, progress, step, cfg.max_bad_steps, master)
+        progress.step = done = step + 1
+        tokens_seen += cfg.global_batch_size * cfg.block_size
         if master:
-            elapsed = time.perf_counter() - clock
-            next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{next_lr:.2e}",
-                            tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", refresh=False)
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                log({"step": done, "loss": loss_value, "lr": next_lr, "grad_norm": norm_value,
-                     "epoch": round(plan.epoch(done), 4), "tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+            report_step(run, bar, cfg, plan, done, loss, grad_norm, tokens_seen / max(time.perf_counter() - clock, 1e-9))
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-            run_eval(done)
+            validate()
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-            checkpoint(done)
+            save_checkpoint(run, cfg, model, optimizer, scaler, progress, job)
     bar.close()
 
-    # --- the end: evaluate, checkpoint, export, and show what the model learned
-    run_eval(cfg.max_steps)
-    checkpoint(cfg.max_steps)
+    validate()
+    save_checkpoint(run, cfg, model, optimizer, scaler, progress, job)
     if master:
-        mlm.save_pretrained(raw_model, tokenizer, out / "final")
-        print(f"exported {out / 'final'} (best validation loss at step {best_step}: {out / 'best'})", file=sys.stderr)
-        if cfg.example:
-            print(f"\n{cfg.example}")
-            for c in fill_mask(raw_model, tokenizer, cfg.example, top_k=5):
-                print(f"  {c['score']:.3f}  {c['sequence']}")
+        export_and_show(run, cfg, model, tokenizer, progress)
 
 
-def keep_metrics_until(path: Path, step: int) -> None:
-    """On resume, drop metric lines from after the checkpoint: those steps run again."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+def apply_update(loss: torch.Tensor, grad_norm: torch.Tensor, optimizer, scaler, progress: Progress, step: int,
+                 max_bad_steps: int, master: bool) -> None:
+    """The optimizer step, unless the loss or gradient is not finite: then skip it, and give up after
+    max_bad_steps in a row. With fp16 the GradScaler skips overflowing steps by itself."""
+    loss_value, norm_value = loss.item(), grad_norm.item()
+    if math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled()):
+        scaler.step(optimizer)
+        progress.bad_steps = 0
+    else:
+        progress.bad_steps += 1
+        if master:
+            tqdm.write(f"warning: non-finite loss or gradient at step {step}; step skipped", file=sys.stderr)
+        if progress.bad_steps >= max_bad_steps:
+            raise MLMError(f"loss was NaN/inf for {progress.bad_steps} steps in a row (step {step}); lower --lr, "
+                           "use --dtype bf16 or fp32, or check the data")
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def plot_metrics(metrics: Path, png: Path) -> None:
-    """Training loss and validation perplexity against steps, when matplotlib is installed."""
-    try:
-        import matplotlib
+def report_step(run: RunFolder, bar, cfg: TrainConfig, plan: mdata.BatchPlan, done: int, loss: torch.Tensor,
+                grad_norm: torch.Tensor, tokens_per_s: float) -> None:
+    next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
+    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{next_lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+    bar.update(1)
+    if done % cfg.log_every == 0 or done == cfg.max_steps:
+        run.log({"step": done, "loss": loss.item(), "lr": next_lr, "grad_norm": grad_norm.item(),
+                 "epoch": round(plan.epoch(done), 4), "tokens_per_s": tokens_per_s})
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-    train_rows = [r for r in records if "loss" in r]
-    val_rows = [r for r in records if "val_loss" in r]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], marker=".", label="training")
-    a.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], marker="o", label="validation")
-    a.set(xlabel="step", ylabel="MLM loss (masked tokens)")
-    a.legend()
-    b.plot([r["step"] for r in val_rows], [r["val_ppl"] for r in val_rows], marker="o")
-    b.set(xlabel="step", ylabel="validation perplexity", yscale="log")
-    fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+
+def validate_and_keep_best(cfg: TrainConfig, run: RunFolder, model: MaskedLM, tokenizer: Tokenizer, val: dict,
+                           micro: int, autocast, progress: Progress, job: Dist) -> dict:
+    """Evaluate; log it; export the model to best/ when it is the best so far; redraw the plot."""
+    result = evaluate(model, val, job, micro, autocast)
+    if job.master:
+        run.log({"step": progress.step, **result})
+    if progress.step > 0 and result["val_loss"] < progress.best_val:  # step 0 is the baseline, not a result
+        progress.best_val, progress.best_step = result["val_loss"], progress.step
+        if job.master:
+            mlm.save_pretrained(model, tokenizer, run.out / "best")
+    if job.master:
+        run.plot_metrics()
+        tqdm.write(f"step {progress.step}: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}  "
+                   f"acc {result['val_acc']:.3f}", file=sys.stderr)
+    return result
+
+
+def save_checkpoint(run: RunFolder, cfg: TrainConfig, model: MaskedLM, optimizer, scaler, progress: Progress,
+                    job: Dist) -> None:
+    if job.master:
+        state = checkpoint_state(cfg, model, optimizer, scaler, progress)
+        run.save_checkpoint(state, progress.step, keep={run.checkpoint_path(progress.best_step)},
+                            keep_last=cfg.keep_last)
+    barrier(job.world)
+
+
+def export_and_show(run: RunFolder, cfg: TrainConfig, model: MaskedLM, tokenizer: Tokenizer,
+                    progress: Progress) -> None:
+    """The final Hugging Face folder, and a fill-mask example to show what the model learned."""
+    mlm.save_pretrained(model, tokenizer, run.out / "final")
+    print(f"exported {run.out / 'final'} (best validation loss at step {progress.best_step}: {run.out / 'best'})",
+          file=sys.stderr)
+    if cfg.example:
+        print(f"\n{cfg.example}")
+        for c in mlm.fill_mask(model, tokenizer, cfg.example, top_k=5):
+            print(f"  {c['score']:.3f}  {c['sequence']}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from mlm.hf import load_pretrained, save_pretrained
 from mlm.model import MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
 from mlm.masking import mask_eval_blocks, mask_tokens
-# The function, not its module, under the name `mlm.fill_mask` (the module stays importable as
-# `from mlm.fill_mask import ...`).
-from mlm.fill_mask import fill_mask
+from mlm.fillmask import fill_mask
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "InputError", "MLMError", "TokenizerError",

@@ -1,5 +1,16 @@
+"""Shared fixtures: tiny Hugging Face checkpoints built offline by `transformers`, real text, real weights."""
+
+import ast
+import importlib.util
+import json
+import logging
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
+
+from mlm.model import FAMILIES  # every family mlm loads; the tests below build one checkpoint of each
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,14 +26,6 @@ def pytest_collection_modifyitems(config, items):
 # ---------------------------------------------------------------------------------------------------
 # Tiny Hugging Face checkpoints, built offline by `transformers` itself, as a user's folder would be.
 # ---------------------------------------------------------------------------------------------------
-import ast  # noqa: E402
-import importlib.util  # noqa: E402
-import logging  # noqa: E402
-import sysconfig  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-FAMILIES = ("bert", "roberta", "distilbert")
-
 
 def stdlib_docstrings(limit: int = 300) -> list[str]:
     """Real English text that every Python install has: docstrings of a few stdlib modules."""
@@ -62,8 +65,6 @@ def _trained_tokenizer(kind: str):
         vocab_size=700, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer)
-    import json
-
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return RobertaTokenizer(vocab=model["vocab"], merges=merges)
@@ -71,7 +72,6 @@ def _trained_tokenizer(kind: str):
 
 def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """Save a random tiny `*ForMaskedLM` and its tokenizer with `transformers`; odd sizes on purpose."""
-    import torch
     from transformers import (
         BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig, RobertaForMaskedLM,
     )

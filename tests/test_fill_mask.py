@@ -10,7 +10,7 @@ from conftest import FAMILIES
 from transformers import pipeline
 
 import mlm
-from mlm.fill_mask import fill_mask
+from mlm.fillmask import fill_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
