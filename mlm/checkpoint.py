@@ -12,18 +12,48 @@ checkpoint whole; resuming takes the newest checkpoint that loads and skips a da
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from mlm.errors import CheckpointError, ConfigError
-from mlm.io import AtomicFile, atomic_write
+from mlm.errors import CheckpointError, ConfigError, StorageError
+from mlm.io import STORAGE_ERRNOS, AtomicFile, atomic_write, storage_error
 
 # Settings that must match to resume a run; the rest (max_steps, eval_every, ...) may change.
 RESUME_KEYS = ("init", "model", "block_size", "global_batch_size", "seed", "mlm_probability", "whole_word_mask",
                "tokenizer", "tokenizer_kind", "data")
 STATE_KEYS = {"model", "optimizer", "step", "config"}
+
+
+@dataclass
+class Progress:
+    """What the training loop carries from step to step, and what a checkpoint restores with the weights."""
+
+    step: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    micro_batch: int = 0  # the micro-batch size --micro-batch-size auto settled on (0: not chosen that way)
+
+
+def training_state(config: dict, model, optimizer, scaler, progress: Progress) -> dict:
+    """Everything a resumed run needs to continue bit for bit: the RNG is re-seeded from the step, the learning
+    rate is a function of it, and the data order and masks are functions of (seed, step)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            **asdict(progress), "config": comparable(config), "model_config": asdict(model.config)}
+
+
+def restore(state: dict | None, model, optimizer, scaler) -> Progress:
+    """Load a checkpoint's weights and optimizer state; the progress it records (a fresh one without a state)."""
+    if state is None:
+        return Progress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return Progress(state["step"], state["best_val"], state["best_step"], state.get("micro_batch", 0))
 
 
 class RunFolder:
@@ -42,15 +72,33 @@ class RunFolder:
         return sorted(self.checkpoints.glob("step_*.pt"), reverse=True)
 
     def save_checkpoint(self, state: dict, step: int, keep: set[Path], keep_last: int) -> Path:
-        """Write atomically, then drop old checkpoints except those in `keep` (the best) and the last K."""
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        """Write atomically, then drop old checkpoints except those in `keep` (the best) and the last K.
+
+        Old checkpoints go only once the new one is whole, so a failed write leaves the newest good one.
+        """
         path = self.checkpoint_path(step)
-        with AtomicFile(path) as f:
-            torch.save(state, f.file)
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            with AtomicFile(path) as f:
+                torch.save(state, f.file)
+        except OSError as e:
+            raise storage_error(path, e) if e.errno in STORAGE_ERRNOS else e
+        except RuntimeError as e:  # torch's zip writer reports a failed write without its errno
+            raise self._write_failed(path, e) from None
         for old in self.checkpoint_paths()[keep_last:]:
             if old not in keep:
                 old.unlink()
         return path
+
+    def _write_failed(self, path: Path, error: RuntimeError) -> Exception:
+        """torch.save's zip writer turns a failed write (a full disk) into a RuntimeError without the errno."""
+        if "inline_container" not in str(error) and "write" not in str(error):
+            return error
+        stat = os.statvfs(self.checkpoints)
+        newest = self.checkpoint_paths()[:1]
+        kept = f"; {newest[0].name} is intact" if newest else ""
+        return StorageError(f"cannot write {path} ({stat.f_bavail * stat.f_frsize / 2**20:,.0f} MiB free on that "
+                            f"disk){kept}; free some space (or choose another --out) and resume with --resume")
 
     def load_newest_checkpoint(self) -> dict | None:
         """The newest checkpoint that loads; a corrupt or truncated one is reported and skipped."""
@@ -88,8 +136,11 @@ class RunFolder:
     # ---------------------------------------------------------------------------------------- metrics
     def log(self, record: dict) -> None:
         """Append one line to metrics.jsonl (a line is small: one write, never interleaved)."""
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise storage_error(self.metrics, e) if e.errno in STORAGE_ERRNOS else e
 
     def keep_metrics_until(self, step: int) -> None:
         """On resume, drop metric lines from after the checkpoint: those steps run again."""

@@ -375,9 +375,9 @@ def check_vocab(meta: dict | str | os.PathLike, tokenizer_or_vocab_size: Tokeniz
 
 
 def default_dataset(
-    tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None, *, progress: bool = True
+    tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None, *, progress: bool = True, make: bool = True
 ) -> Path:
-    """The default corpus prepared for this tokenizer, made once and then reused.
+    """The default corpus prepared for this tokenizer, made once and then reused (make=False: only its path).
 
     The folder is `<cache>/stdlib-py3.11-<tokenizer sha256[:12]>`, where cache is cache_dir, else
     $MLM_CACHE, else ~/.cache/mlm: the Python version because the standard library differs between
@@ -386,6 +386,8 @@ def default_dataset(
     cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlm").expanduser()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     folder = cache / f"stdlib-py{version}-{tokenizer_sha256(tokenizer)[:12]}"
+    if not make:
+        return folder
     try:
         load_dataset_meta(folder)
         return folder

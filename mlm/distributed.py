@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from mlm.errors import ConfigError, MLMError
-
-
-class DistributedError(MLMError):
-    """Another rank died, hung, or did not answer within --dist-timeout."""
+from mlm.errors import ConfigError, DistributedError
 
 
 def check_device(device) -> None:
@@ -104,6 +102,32 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+def wait_for_others(job: Dist, what: str, fix: str) -> None:
+    """A barrier over all ranks that waits at most --dist-timeout, then says what it was waiting for."""
+    if job.world == 1:
+        return
+    try:
+        dist.barrier(group=job.control)
+    except RuntimeError as e:
+        raise DistributedError(f"rank {job.rank} gave up waiting for {what} ({short(e)}); {fix}") from None
+
+
+def short(error: BaseException) -> str:
+    """The first line of an error from a collective, without the C++ source location."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return line.split("] ", 1)[-1][:200]
+
+
+def is_communication_failure(error: BaseException) -> bool:
+    """Whether an error comes from a collective whose peers died, hung or timed out (Gloo and NCCL say so in
+    RuntimeErrors; newer torch uses DistError subclasses)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+
+
 def agree_max(job: Dist, value: int) -> int:
     """The largest of every rank's value, through the Gloo group: a host-side answer with no GPU sync."""
     if job.world == 1:
@@ -124,3 +148,37 @@ def same_on_every_rank(job: Dist, value: str) -> bool:
     values: list = [None] * job.world
     dist.all_gather_object(values, value, group=job.control)
     return len(set(values)) == 1
+
+
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes preempt) and SIGINT (Ctrl-C) ask the run to stop after the current step.
+
+    The handler only records the signal; the loop asks `requested(job)` at each step boundary, where all
+    ranks agree (a rank that got no signal stops too, at the same step). After the first signal the default
+    handlers come back, so a second one ends the process at once: the checkpoint being written is then
+    abandoned under its temporary name, and the previous one stays valid.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def requested(self, job: Dist) -> int:
+        """The signal number any rank got (0: none), the same answer on every rank."""
+        return agree_max(job, self.signum)

@@ -2,7 +2,8 @@
 
 Every problem a user can fix (a wrong path, a text with no mask, a bad flag) raises a subclass of
 `MLMError` whose message is one line: what was wrong and what to do. The CLIs print that line and exit
-with status 2; anything else is a bug and keeps its traceback.
+with status 2 for bad input, 1 when the run itself could not go on (a full disk, a rank that died);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Callable, NoReturn
 
 
 class MLMError(Exception):
-    """Base class: a problem with the user's input, not a bug in mlm."""
+    """Base class: a problem with the user's input or machine, not a bug in mlm."""
+
+    exit_code = 2
 
 
 class CheckpointError(MLMError):
@@ -40,6 +43,18 @@ class ConfigError(MLMError):
     """A configuration value or command-line flag that cannot work."""
 
 
+class StorageError(MLMError):
+    """A file could not be written: the disk is full, or the folder is not writable."""
+
+    exit_code = 1
+
+
+class DistributedError(MLMError):
+    """Another rank died, hung, or did not answer within --dist-timeout."""
+
+    exit_code = 1
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is."""
     rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -52,7 +67,7 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except MLMError as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do

@@ -8,10 +8,23 @@ file or the new one, never a mix; on any error the temporary file is removed and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 from pathlib import Path
 from typing import IO
+
+from mlm.errors import StorageError
+
+# What a full or unwritable disk raises; anything else (a bug, a bad path) keeps its traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
+def storage_error(path: str | os.PathLike, error: OSError) -> StorageError:
+    """The one-line error for a write that failed for lack of space or permission."""
+    return StorageError(f"cannot write {path}: {error.strerror or error}; free some space or make the folder "
+                        "writable (or choose another --out), then run again")
 
 
 class AtomicFile:
@@ -25,13 +38,21 @@ class AtomicFile:
         if mode not in ("wb", "w"):
             raise ValueError(f"AtomicFile writes new files: mode 'wb' or 'w', not {mode!r}")
         self.path = Path(path)
-        # The process id keeps two processes writing the same target from sharing a temporary file.
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        # Host and process keep two writers of the same target (ranks of two nodes on a shared disk, say)
+        # from sharing a temporary file.
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         self.fsync = fsync
-        self.file: IO = open(self.tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
+        try:
+            self.file: IO = open(self.tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
+        except OSError as e:
+            raise storage_error(self.path, e) if e.errno in STORAGE_ERRNOS else e
 
     def write(self, data) -> int:
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.discard()
+            raise storage_error(self.path, e) if e.errno in STORAGE_ERRNOS else e
 
     def commit(self) -> Path:
         """Flush, fsync (so the bytes are on disk before the name points at them) and rename over the target."""
@@ -42,6 +63,9 @@ class AtomicFile:
                     os.fsync(self.file.fileno())
                 self.file.close()
             os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.discard()
+            raise storage_error(self.path, e) if e.errno in STORAGE_ERRNOS else e
         except BaseException:
             self.discard()
             raise

@@ -22,8 +22,9 @@ from mlm.fillmask import fill_mask
 from mlm.tokenizer_train import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-# A model small enough that a run takes seconds on a 2-core CPU.
-TINY = ["--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
+# A model small enough that a run takes seconds on a 2-core CPU; on the CPU even where a GPU is present, since
+# the comparisons below are bit for bit.
+TINY = ["--device", "cpu", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
         "--block-size", "32", "--eval-blocks", "16", "--log-every", "1", "--lr", "3e-3", "--warmup", "2"]
 
 
@@ -130,7 +131,7 @@ def test_continue_pretraining_all_minilm_l6_v2(minilm_dir, tmp_path):
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n\n".join(stdlib_docstrings(400)))
     out = tmp_path / "run"
-    result = run_train("--preset", "minilm", "--init", minilm_dir, "--data", corpus, "--out", out,
+    result = run_train("--preset", "minilm", "--device", "cpu", "--init", minilm_dir, "--data", corpus, "--out", out,
                        "--max-steps", "30", "--global-batch-size", "8", "--block-size", "64", "--eval-every", "10",
                        "--eval-blocks", "32", "--lr", "3e-4", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -246,7 +247,7 @@ def test_varlen_trains_like_the_dense_document_mask(dataset, tmp_path):
 
 
 def test_dataset_of_another_vocabulary_is_refused(dataset, hf_checkpoints, tmp_path):
-    result = run_train("--init", hf_checkpoints["bert"], "--data", dataset, "--max-steps", "2", "--out", tmp_path / "r")
+    result = run_train("--device", "cpu", "--init", hf_checkpoints["bert"], "--data", dataset, "--max-steps", "2", "--out", tmp_path / "r")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the dataset's vocabulary has 600 tokens but this model/tokenizer has" in result.stderr
 
