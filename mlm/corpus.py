@@ -1,10 +1,15 @@
-"""Reading a corpus: documents from txt / jsonl / json / parquet files, folders and globs, one at a time.
+"""Reading a corpus: documents from txt / jsonl / json / parquet / arrow files, folders and globs, one at a time.
 
 A reader is a generator over one file: it takes the path, what it needs to find documents in it (the
 doc_split of a text file, the text_field of JSON records) and the pass's `ReadStats`, and yields one
 string per document, never holding more than a record or a paragraph in memory. Text is decoded as
 UTF-8; bytes that are not become U+FFFD and are counted in the stats rather than stopping the run.
 An empty string stands for a record without text: `Corpus` drops it, the stats count it.
+
+A folder written by Hugging Face `datasets` (`save_to_disk`) is read through the shards its state.json
+lists, in order; a DatasetDict folder (dataset_dict.json) gives every split, in the order it lists them,
+as a folder of files gives every file: point at DIR/train to read one split. Parquet and Arrow are
+read with pyarrow, one record batch at a time and only the text column.
 
 With no data at all, `default_corpus` is English that every Python install has: the standard
 library's docstrings.
@@ -28,7 +33,7 @@ from mlm.errors import ConfigError, DataError
 
 DOC_SPLITS = ("blank", "file", "line")
 # Suffixes a folder is searched for; a file named explicitly is read whatever its suffix (as text if unknown).
-SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".arrow")
 REPLACEMENT = "\ufffd"  # what errors="replace" puts where bytes are not UTF-8
 
 
@@ -54,7 +59,7 @@ class Corpus:
     `sample_by="paragraph"`), "file" (one per file) or "line" (one per line, HF's default `text` loader,
     except that blank lines are skipped rather than kept as empty documents).
 
-    text_field is the JSON / parquet field holding the text: a dotted path reaches into nested records,
+    text_field is the JSON / parquet / arrow field holding the text: a dotted path reaches into nested records,
     and a list of strings is joined with spaces, as HF's ELI5 recipe joins `answers.text`.
     """
 
@@ -105,6 +110,8 @@ class Corpus:
         kind = _kind(path)
         if kind == ".parquet":
             yield from read_parquet(path, self.text_field, stats)
+        elif kind == ".arrow":
+            yield from read_arrow(path, self.text_field, stats)
         elif kind == ".jsonl":
             yield from read_jsonl(path, self.text_field, stats)
         elif kind == ".json":
@@ -126,10 +133,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and _kind(p) in SUFFIXES and not _hidden(p.relative_to(path))
-            )
+            found = folder_files(path)
             if not found:
                 raise DataError(f"folder {text!r} holds no {'/'.join(SUFFIXES)} files; point --data at the text")
             files += found
@@ -144,8 +148,58 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
+def folder_files(folder: Path) -> list[Path]:
+    """The files of a folder with SUFFIXES, recursively, in sorted path order, skipping hidden names and
+    symlinked folders; a `datasets` folder inside gives its data shards (saved_dataset_files)."""
+    saved = saved_dataset_files(folder)
+    if saved is not None:
+        return saved
+    found: list[Path] = []
+    # Names sorted within each folder, depth first: the order of sorting whole paths part by part.
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            found += folder_files(entry)
+        elif entry.is_file() and _kind(entry) in SUFFIXES:
+            found.append(entry)
+    return found
+
+
+def saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The Arrow shards of a folder written by `datasets`' save_to_disk, in order; None if it is not one.
+
+    A Dataset folder's state.json lists its shards (data-00000-of-00002.arrow, ...). Only those are read:
+    `datasets` also keeps cache files (cache-*.arrow, written by .map on a loaded dataset) in the folder.
+    A DatasetDict folder's dataset_dict.json lists its splits, each a Dataset folder; all are read.
+    """
+    splits = _json_object(folder / "dataset_dict.json").get("splits")
+    if isinstance(splits, list):
+        files = []
+        for split in splits:
+            shards = saved_dataset_files(folder / str(split))
+            if shards is None:
+                raise DataError(f"{folder} lists the split {split!r} but {folder / str(split)} is not a saved "
+                                "dataset (no state.json); save the DatasetDict again")
+            files += shards
+        return files
+    shards = _json_object(folder / "state.json").get("_data_files")
+    if not isinstance(shards, list):
+        return None
+    paths = [folder / shard["filename"] for shard in shards]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"the saved dataset {folder} lacks {', '.join(missing)}; save it again with save_to_disk")
+    return paths
+
+
+def _json_object(path: Path) -> dict:
+    """A small JSON file's object, or {} when there is none (no file, not JSON, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _kind(path: Path) -> str:
@@ -237,18 +291,65 @@ def read_json(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
 
 def read_parquet(path: Path, text_field: str, stats: ReadStats, batch_rows: int = 1024) -> Iterator[str]:
     """The text field of each row, read a batch of rows at a time (only the one column)."""
+    pyarrow = _pyarrow(path)
     try:
-        import pyarrow.parquet as pq
+        parquet = pyarrow.parquet.ParquetFile(path)
+        column = _text_column(parquet.schema_arrow.names, text_field, path)
+        batches = parquet.iter_batches(batch_size=batch_rows, columns=[column])
+        yield from _column_texts(batches, column, text_field, stats, batch_rows)
+    except (pyarrow.ArrowException, OSError) as e:  # pyarrow reports short reads as OSError
+        raise DataError(f"{path} is not a readable parquet file ({e}); check the file") from None
+
+
+def read_arrow(path: Path, text_field: str, stats: ReadStats, batch_rows: int = 1024) -> Iterator[str]:
+    """The text field of each row of an Arrow IPC file, a record batch at a time (only the one column).
+
+    `datasets` writes its shards and caches in the IPC *stream* format; `pyarrow.ipc.new_file` and
+    Feather v2 write the *file* format, which starts with the magic bytes ARROW1. Both are read from a
+    memory map, so a batch is paged in only when it is read.
+    """
+    pyarrow = _pyarrow(path)
+    try:
+        with pyarrow.memory_map(str(path)) as source:
+            file_format = source.read(6) == b"ARROW1"
+            source.seek(0)
+            if file_format:
+                reader = pyarrow.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                reader = batches = pyarrow.ipc.open_stream(source)
+            column = _text_column(reader.schema.names, text_field, path)
+            yield from _column_texts(batches, column, text_field, stats, batch_rows)
+    except (pyarrow.ArrowException, OSError) as e:  # pyarrow reports short reads as OSError
+        raise DataError(f"{path} is not a readable Arrow IPC file ({e}); check the file") from None
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: pip install 'mlm[parquet]'") from None
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
+    return pyarrow
+
+
+def _text_column(names: list[str], text_field: str, path: Path) -> str:
+    """The column holding text_field: the field itself, or the first part of a dotted path into a struct."""
     column = text_field if text_field in names else text_field.split(".")[0]
     if column not in names:
         raise DataError(f"{path} has no column {column!r} (it has {', '.join(names)}); pass --text-field")
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
-        for value in batch.column(0).to_pylist():
-            yield _counted(field_text({column: value}, text_field), stats)
+    return column
+
+
+def _column_texts(batches: Iterable, column: str, text_field: str, stats: ReadStats, batch_rows: int
+                  ) -> Iterator[str]:
+    """The text of each row of one column over record batches, at most batch_rows Python values at a time."""
+    for batch in batches:
+        values = batch.column(column)
+        for start in range(0, len(values), batch_rows):
+            for value in values.slice(start, batch_rows).to_pylist():
+                yield _counted(field_text({column: value}, text_field), stats)
 
 
 def _counted(text: str | None, stats: ReadStats) -> str:

@@ -1,10 +1,9 @@
-"""The data path: reading corpora, token arrays on disk, packing into blocks, and the order of blocks.
+"""The data path: token arrays on disk, packing into blocks, and the order of blocks (reading: test_corpus.py).
 
 The references are the `tokenizers` library itself (token ids, word ids), `transformers.AutoTokenizer`
 (trained tokenizers), and HF's `group_texts` layout (concatenate every document's ids, cut into blocks).
 """
 
-import gzip
 import itertools
 import json
 import os
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlm.corpus import Corpus, default_corpus, field_text
+from mlm.corpus import Corpus, default_corpus
 from mlm.data import (
     BatchPlan,
     PackedBlocks,
@@ -79,89 +78,6 @@ def write(path: Path, content) -> Path:
     else:
         path.write_text(content, encoding="utf-8")
     return path
-
-
-# ================================================================================== reading
-def test_txt_blank_line_and_file_and_line_splits(tmp_path):
-    f = write(tmp_path / "a.txt", "first para\ncontinues here\n\n\n  \nsecond para\n\nthird\n")
-    assert list(Corpus(f)) == ["first para\ncontinues here", "second para", "third"]
-    assert list(Corpus(f, doc_split="file")) == ["first para\ncontinues here\n\n\n  \nsecond para\n\nthird"]
-    assert list(Corpus(f, doc_split="line")) == ["first para", "continues here", "second para", "third"]
-    with pytest.raises(ConfigError, match="doc_split"):
-        Corpus(f, doc_split="sentence")
-
-
-def test_jsonl_nested_list_field_joined_like_eli5(tmp_path):
-    records = [
-        {"title": "q1", "answers": {"text": ["First answer.", "Second answer."], "score": [3, 1]}},
-        {"title": "q2", "answers": [{"text": "as a list"}, {"text": "of records"}]},  # a list on the way
-        {"title": "q3"},  # no field: skipped and counted
-        {"title": "q4", "answers": {"text": []}},  # empty list: skipped
-        {"title": "q5", "answers.text": "a literal dotted key"},
-    ]
-    f = write(tmp_path / "eli5.jsonl", "\n".join(json.dumps(r) for r in records) + "\n\n")
-    corpus = Corpus(f, text_field="answers.text")
-    # HF's ELI5 recipe: flatten() then " ".join(x) over answers.text.
-    assert list(corpus) == ["First answer. Second answer.", "as a list of records", "a literal dotted key"]
-    assert corpus.stats.skipped == 2 and corpus.stats.docs == 3
-    assert list(Corpus(f, text_field="title")) == ["q1", "q2", "q3", "q4", "q5"]
-    assert field_text({"a": {"b": 7}}, "a.b") is None  # not text
-
-
-def test_json_array_gzip_and_bad_json(tmp_path):
-    write(tmp_path / "arr.json", json.dumps([{"text": "one"}, {"text": "two"}]))
-    with gzip.open(tmp_path / "more.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.write('{"text": "three"}\n')
-    assert list(Corpus([tmp_path / "arr.json", tmp_path / "more.jsonl.gz"])) == ["one", "two", "three"]
-    bad = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": \n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2 is not valid JSON"):
-        list(Corpus(bad))
-
-
-def test_folders_recursive_and_globs_in_sorted_order(tmp_path):
-    write(tmp_path / "d" / "b.txt", "from b")
-    write(tmp_path / "d" / "sub" / "a.txt", "from sub/a")
-    write(tmp_path / "d" / "a.jsonl", '{"text": "from a.jsonl"}\n')
-    write(tmp_path / "d" / "notes.bin", b"\x00\x01 not text")  # unknown suffix in a folder: ignored
-    write(tmp_path / "d" / ".hidden" / "c.txt", "hidden")  # hidden folders: ignored
-    write(tmp_path / "raw", "named explicitly, so read as text")
-    corpus = Corpus([tmp_path / "d", str(tmp_path / "d" / "**" / "*.txt"), tmp_path / "raw"])
-    assert list(corpus) == ["from a.jsonl", "from b", "from sub/a", "named explicitly, so read as text"]
-    assert corpus.stats.files == 4  # the glob's files were already in the folder: read once
-    with pytest.raises(DataError, match="no such file or folder"):
-        Corpus(tmp_path / "missing.txt")
-    with pytest.raises(DataError, match="matches no files"):
-        Corpus(str(tmp_path / "*.nothing"))
-
-
-def test_parquet_with_nested_list_column(tmp_path):
-    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed: pip install 'mlm[parquet]'")
-    import pyarrow.parquet as pq
-
-    table = pa.table({"id": [1, 2, 3], "answers": [{"text": ["a b", "c"]}, {"text": ["d"]}, {"text": []}]})
-    pq.write_table(table, tmp_path / "t.parquet")
-    corpus = Corpus(tmp_path / "t.parquet", text_field="answers.text")
-    assert list(corpus) == ["a b c", "d"] and corpus.stats.skipped == 1
-    with pytest.raises(DataError, match="no column 'body'"):
-        list(Corpus(tmp_path / "t.parquet", text_field="body"))
-
-
-def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
-    write(tmp_path / "t.parquet", b"PAR1 not really")
-    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(DataError, match=r"pip install 'mlm\[parquet\]'"):
-        list(Corpus(tmp_path / "t.parquet"))
-
-
-def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
-    good_fffd = "\ufffd".encode()  # a replacement character spelled correctly is text, not damage
-    f = write(tmp_path / "bad.txt", b"ok line\nbad \xff\xfe here\n\n" + good_fffd + b" fine \xc3\nend\n")
-    corpus = Corpus(f)
-    docs = list(corpus)
-    assert docs == ["ok line\nbad \ufffd\ufffd here", "\ufffd fine \ufffd\nend"]
-    assert corpus.stats.bad_bytes == 3 and corpus.stats.bad_lines == 2
-    assert corpus.stats.bad_bytes_file == str(f)
 
 
 # ================================================================================== token arrays
@@ -395,7 +311,7 @@ def test_batch_plan_errors():
         BatchPlan(100, 8, world_size=2, rank=2)
 
 
-# ================================================================================== tokenizers and corpus
+# ================================================================================== tokenizers
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
 def test_trained_tokenizer_loads_in_transformers_with_same_ids(tmp_path, small_texts, kind, bpe):
     from transformers import AutoTokenizer
@@ -414,18 +330,6 @@ def test_trained_tokenizer_loads_in_transformers_with_same_ids(tmp_path, small_t
     for text in texts:
         assert hf(text)["input_ids"] == tokenizer.encode(text), text
     assert hf.mask_token_id == tokenizer.mask_token_id and hf.pad_token_id == tokenizer.pad_token_id
-
-
-def test_default_corpus_is_many_real_english_documents():
-    corpus = default_corpus()
-    docs = list(itertools.islice(corpus, 1001))
-    assert len(docs) == 1001 and len(set(docs)) == 1001
-    assert all(len(d.split()) >= 20 for d in docs)
-    words = " ".join(docs).lower().split()
-    for common in ("the", "a", "is", "of", "to", "and"):
-        assert words.count(common) > 500, common
-    assert list(itertools.islice(default_corpus(), 5)) == docs[:5]  # deterministic order
-    assert "standard library" in corpus.description
 
 
 # ================================================================================== the command line
