@@ -39,7 +39,7 @@ def attention(
     """
     if dropout_p == 0.0 or q.device.type != "cpu" or q.is_nested:
         return attention_ref(q, k, v, mask, dropout_p)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, T)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T); scaled first: no fp16 overflow
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:

@@ -2,9 +2,10 @@
 
 Each family has one table, written out literally: HF parameter name -> ours. The same table drives loading
 and saving. In an HF name `{i}` is the layer index and `{base}` the encoder's prefix ("bert.", "roberta.",
-"distilbert."), which checkpoints of a bare encoder (BertModel, all-MiniLM-L6-v2) do not have. A tuple of
-HF names is one of our tensors cut along dim 0: our fused QKV projection is HF's query, key and value.
+"distilbert.", "deberta."), which checkpoints of a bare encoder (BertModel, all-MiniLM-L6-v2) do not have. A
+tuple of HF names is one of our tensors cut along dim 0: our fused QKV projection is HF's query, key and value.
 `None` marks a key HF writes that our model has no use for; it is there so the table names every key.
+DeBERTa names its MLM head in two ways; config.json's `legacy` says which one the checkpoint uses (table_for).
 On loading, every key the model does not use, in the table or not (a classifier, any other head), is
 skipped with one note naming them; missing weights and shape mismatches are errors.
 """
@@ -131,9 +132,67 @@ DISTILBERT_KEYS = {
     "vocab_projector.weight": None,  # tied to the word embeddings
 }
 
-KEYS = {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "distilbert": DISTILBERT_KEYS}
-BASE = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
-ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM"}
+DEBERTA_V2_KEYS = {
+    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
+    # Read only with position_biased_input; v3 checkpoints carry an unused table, skipped as transformers does.
+    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
+    "{base}embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
+    "{base}embeddings.embed_proj.weight": "embeddings.proj.weight",  # only when embedding_size != hidden_size
+    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.position_ids": None,  # a buffer that older transformers versions saved
+    ("{base}encoder.layer.{i}.attention.self.query_proj.weight",
+     "{base}encoder.layer.{i}.attention.self.key_proj.weight",
+     "{base}encoder.layer.{i}.attention.self.value_proj.weight"): "blocks.{i}.attn.qkv.weight",
+    ("{base}encoder.layer.{i}.attention.self.query_proj.bias",
+     "{base}encoder.layer.{i}.attention.self.key_proj.bias",
+     "{base}encoder.layer.{i}.attention.self.value_proj.bias"): "blocks.{i}.attn.qkv.bias",
+    # share_att_key=false (v2): positions have projections of their own, for c2p and for p2c.
+    "{base}encoder.layer.{i}.attention.self.pos_key_proj.weight": "blocks.{i}.attn.pos_key.weight",
+    "{base}encoder.layer.{i}.attention.self.pos_key_proj.bias": "blocks.{i}.attn.pos_key.bias",
+    "{base}encoder.layer.{i}.attention.self.pos_query_proj.weight": "blocks.{i}.attn.pos_query.weight",
+    "{base}encoder.layer.{i}.attention.self.pos_query_proj.bias": "blocks.{i}.attn.pos_query.bias",
+    "{base}encoder.layer.{i}.attention.output.dense.weight": "blocks.{i}.attn.proj.weight",
+    "{base}encoder.layer.{i}.attention.output.dense.bias": "blocks.{i}.attn.proj.bias",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "blocks.{i}.attn_norm.weight",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "blocks.{i}.attn_norm.bias",
+    "{base}encoder.layer.{i}.intermediate.dense.weight": "blocks.{i}.fc1.weight",
+    "{base}encoder.layer.{i}.intermediate.dense.bias": "blocks.{i}.fc1.bias",
+    "{base}encoder.layer.{i}.output.dense.weight": "blocks.{i}.fc2.weight",
+    "{base}encoder.layer.{i}.output.dense.bias": "blocks.{i}.fc2.bias",
+    "{base}encoder.layer.{i}.output.LayerNorm.weight": "blocks.{i}.mlp_norm.weight",
+    "{base}encoder.layer.{i}.output.LayerNorm.bias": "blocks.{i}.mlp_norm.bias",
+    "{base}encoder.rel_embeddings.weight": "relative.table.weight",
+    "{base}encoder.LayerNorm.weight": "relative.norm.weight",  # norm_rel_ebd = "layer_norm": the table's norm
+    "{base}encoder.LayerNorm.bias": "relative.norm.bias",
+    # The MLM head under one of two names, which config.json's `legacy` picks (head_table): legacy ...
+    "cls.predictions.transform.dense.weight": "head.dense.weight",
+    "cls.predictions.transform.dense.bias": "head.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
+    "cls.predictions.bias": "head.bias",
+    "cls.predictions.decoder.weight": None,  # tied to the word embeddings
+    "cls.predictions.decoder.bias": None,  # the same tensor as cls.predictions.bias
+    # ... or not: the original DeBERTa code's names.
+    "lm_predictions.lm_head.dense.weight": "head.dense.weight",
+    "lm_predictions.lm_head.dense.bias": "head.dense.bias",
+    "lm_predictions.lm_head.LayerNorm.weight": "head.norm.weight",
+    "lm_predictions.lm_head.LayerNorm.bias": "head.norm.bias",
+    "lm_predictions.lm_head.bias": "head.bias",
+    # v3's replaced-token-detection (ELECTRA discriminator) head, which transformers does not load either.
+    "mask_predictions.dense.weight": None,
+    "mask_predictions.dense.bias": None,
+    "mask_predictions.LayerNorm.weight": None,
+    "mask_predictions.LayerNorm.bias": None,
+    "mask_predictions.classifier.weight": None,
+    "mask_predictions.classifier.bias": None,
+}
+DEBERTA_HEADS = {True: "cls.predictions.", False: "lm_predictions.lm_head."}  # by ModelConfig.legacy_head
+
+KEYS = {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "distilbert": DISTILBERT_KEYS, "deberta-v2": DEBERTA_V2_KEYS}
+BASE = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "deberta-v2": "deberta."}
+ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM",
+                "deberta-v2": "DebertaV2ForMaskedLM"}
 
 # HF config.json <-> ModelConfig. BERT and RoBERTa share field names; DistilBERT has its own.
 _BERT_CONFIG = {
@@ -154,6 +213,14 @@ _BERT_CONFIG = {
 CONFIG_FIELDS = {
     "bert": _BERT_CONFIG,
     "roberta": _BERT_CONFIG,
+    "deberta-v2": {
+        **_BERT_CONFIG,
+        "position_biased_input": "position_biased_input",
+        "position_buckets": "position_buckets",
+        "max_relative_positions": "max_relative_positions",
+        "share_att_key": "share_att_key",
+        "legacy_head": "legacy",
+    },  # + embedding_size, pos_att_type and norm_rel_ebd, which change form (config_from_hf)
     "distilbert": {
         "vocab_size": "vocab_size",
         "hidden_size": "dim",
@@ -168,6 +235,12 @@ CONFIG_FIELDS = {
         "initializer_range": "initializer_range",
     },
 }
+# What transformers assumes when a DeBERTa config.json leaves a field out (DebertaV2Config and getattr defaults).
+DEBERTA_DEFAULTS = {
+    "type_vocab_size": 0, "layer_norm_eps": 1e-7, "relative_attention": False, "position_biased_input": True,
+    "pos_att_type": None, "position_buckets": -1, "max_relative_positions": -1, "share_att_key": False,
+    "norm_rel_ebd": "none", "legacy": True, "conv_kernel_size": 0,
+}
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -176,7 +249,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     family = hf.get("model_type")
     if family not in KEYS:
         raise UnsupportedModelError(
-            f"model_type {family!r} is not supported; mlm loads bert, roberta and distilbert checkpoints"
+            f"model_type {family!r} is not supported; mlm loads bert, roberta, distilbert and deberta-v2 checkpoints"
         )
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError(
@@ -185,6 +258,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("tie_word_embeddings", True) is False:
         raise UnsupportedModelError("tie_word_embeddings=false is not supported; the MLM decoder is tied to the embeddings")
     defaults = ModelConfig()
+    if family == "deberta-v2":
+        hf = {**DEBERTA_DEFAULTS, **hf}
     values = {ours: hf.get(theirs, getattr(defaults, ours)) for ours, theirs in CONFIG_FIELDS[family].items()}
     if values["pad_token_id"] is None:
         values["pad_token_id"] = 0
@@ -193,7 +268,36 @@ def config_from_hf(hf: dict) -> ModelConfig:
         values.update(head_act="gelu", position_offset=values["pad_token_id"] + 1)
     if family == "distilbert":
         values.update(type_vocab_size=0, layer_norm_eps=1e-12)
+    if family == "deberta-v2":
+        values.update(_deberta_from_hf(hf, values["hidden_size"], values["num_heads"]))
     return ModelConfig(family=family, **values)
+
+
+def _deberta_from_hf(hf: dict, hidden: int, heads: int) -> dict:
+    """The DeBERTa fields that change form between config.json and ModelConfig; refuses what mlm does not run."""
+    if hf["conv_kernel_size"] > 0:
+        raise UnsupportedModelError(f"conv_kernel_size {hf['conv_kernel_size']} (the convolution layer of "
+                                    "deberta-v2-xlarge/xxlarge) is not supported; mlm runs DeBERTa without it")
+    if not hf["relative_attention"]:
+        raise UnsupportedModelError(
+            "relative_attention=false is not supported; mlm runs DeBERTa with relative attention"
+        )
+    if hf.get("attention_head_size", hidden // heads) != hidden // heads:
+        raise UnsupportedModelError(f"attention_head_size {hf['attention_head_size']} is not supported; mlm needs "
+                                    f"hidden_size / num_attention_heads = {hidden // heads}")
+    if hf.get("z_steps"):
+        raise UnsupportedModelError(f"z_steps {hf['z_steps']} (re-running the last layer) is not supported")
+    terms = hf["pos_att_type"] or []
+    terms = [t.strip().lower() for t in (terms.split("|") if isinstance(terms, str) else terms) if t.strip()]
+    if not terms or set(terms) - {"c2p", "p2c"}:
+        raise UnsupportedModelError(f"pos_att_type {hf['pos_att_type']!r} is not supported; mlm runs c2p, p2c or both")
+    embedding_size = hf.get("embedding_size") or hidden
+    if not hf["legacy"] and embedding_size != hidden:
+        raise UnsupportedModelError(f"legacy=false with embedding_size {embedding_size} != hidden_size {hidden}: "
+                                    "that head cannot be tied to the embeddings (transformers fails on it too)")
+    norm = [x.strip() for x in str(hf["norm_rel_ebd"]).lower().split("|")]
+    return dict(pos_att_type="|".join(terms), embedding_size=0 if embedding_size == hidden else embedding_size,
+                norm_relative="layer_norm" in norm, position_buckets=max(hf["position_buckets"], 0))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -205,6 +309,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         out.update(bos_token_id=0, eos_token_id=2)  # RoBERTa's fixed <s> and </s> ids
     if cfg.family == "distilbert":
         out.update(sinusoidal_pos_embds=False)
+    elif cfg.family == "deberta-v2":
+        out.update(relative_attention=True, pos_att_type=cfg.position_terms,
+                   norm_rel_ebd="layer_norm" if cfg.norm_relative else "none",
+                   embedding_size=cfg.embedding_size or cfg.hidden_size)
     else:
         out["position_embedding_type"] = "absolute"
     return out
@@ -221,6 +329,15 @@ def expand(table: dict, base: str, num_layers: int) -> list[tuple[tuple[str, ...
     return out
 
 
+def table_for(cfg: ModelConfig) -> dict:
+    """The family's table as this config reads it. Of DeBERTa's two head namings only the one config.json's
+    `legacy` picks is the head, on loading and on saving; the other's keys are then unused, as in transformers."""
+    if cfg.family != "deberta-v2":
+        return KEYS[cfg.family]
+    other = DEBERTA_HEADS[not cfg.legacy_head]  # head keys are plain strings, never QKV tuples
+    return {theirs: None if str(theirs).startswith(other) else ours for theirs, ours in KEYS[cfg.family].items()}
+
+
 def state_dict_from_hf(
     model: MaskedLM, hf_state: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -234,7 +351,7 @@ def state_dict_from_hf(
     hf_state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in hf_state.items()}
     # With the family's prefix or, for a bare encoder, without: whichever finds more keys (the prefix on a tie,
     # so that an error names the keys a full checkpoint has).
-    readings = [expand(KEYS[cfg.family], base, cfg.num_layers) for base in (BASE[cfg.family], "")]
+    readings = [expand(table_for(cfg), base, cfg.num_layers) for base in (BASE[cfg.family], "")]
     entries = max(readings, key=lambda e: sum(n in hf_state for names, _ in e for n in names))
     # `None` entries, and entries for parameters this config does not have (token types when
     # type_vocab_size is 0), are not wanted.
@@ -272,7 +389,7 @@ def state_dict_to_hf(model: MaskedLM) -> dict[str, torch.Tensor]:
     """Our state dict under HF's names, QKV cut back into query, key and value, ready for safetensors."""
     cfg, ours = model.config, model.state_dict()
     out = {}
-    for names, name in expand(KEYS[cfg.family], BASE[cfg.family], cfg.num_layers):
+    for names, name in expand(table_for(cfg), BASE[cfg.family], cfg.num_layers):
         if name not in ours:  # a key we drop (None), or a parameter this config does not have
             continue
         for n, part in zip(names, ours[name].chunk(len(names))):
@@ -354,8 +471,17 @@ def load_model(path: str | os.PathLike, device=None, dtype=None) -> MaskedLM:
     state, new_keys = state_dict_from_hf(model, read_hf_weights(folder))
     model.load_state_dict(state, strict=not new_keys)
     if new_keys:
-        log.warning("%s has no MLM head (an encoder-only checkpoint): the head is newly initialised", folder)
+        # An encoder-only checkpoint, or DeBERTa-v3's, which ships no head under the names its config.json gives:
+        # transformers initialises a fresh head too.
+        log.warning("%s has no MLM head weights (%s): the head is newly initialised and must be trained "
+                    "before its predictions mean anything", folder, _head_names(model.config))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _head_names(cfg: ModelConfig) -> str:
+    """The HF prefix of the head's keys in this config's table, for messages."""
+    names = [n for names, ours in expand(table_for(cfg), "", 0) if ours and ours.startswith("head.") for n in names]
+    return os.path.commonprefix(names) + "*"
 
 
 def load_pretrained(path: str | os.PathLike, device=None, dtype=None) -> tuple[MaskedLM, Tokenizer]:

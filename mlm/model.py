@@ -1,14 +1,17 @@
 """The BERT-family encoder for masked language modelling, in one file.
 
-One encoder covers three checkpoint families; what differs between them is a config field:
+One encoder covers four checkpoint families; what differs between them is a config field:
   BERT        learned positions 0..T-1, token-type embeddings, post-LN blocks, MLM head with `hidden_act`
   RoBERTa     positions start at pad_token_id + 1 and skip padding, a single token type, head act = gelu
   DistilBERT  no token types, no dropout after the attention projection, head act = `activation`
-All three are post-LN (LayerNorm after each residual add, eps 1e-12 inside the square root) and tie the
-MLM decoder to the word embeddings, with a separate decoder bias.
+  DeBERTa     "deberta-v2" (v2 and v3): disentangled attention, i.e. relative positions added to the scores
+              as content-to-position and position-to-content terms; v3 has no absolute positions and no
+              token types, buckets distances logarithmically, eps 1e-7; optionally narrower embeddings
+All four are post-LN (LayerNorm after each residual add, eps inside the square root) and tie the MLM
+decoder to the word embeddings, with a separate decoder bias.
 
 Shape legend: B batch, T tokens, C = hidden_size, H heads, D = C // H head dim, V vocabulary,
-N rows picked for the head (the masked positions).
+N rows picked for the head (the masked positions), S DeBERTa's relative span (its table has 2S rows).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from kernels import attention, dropout, linear, linear_cross_entropy
 from mlm.errors import ConfigError, InputError
 from mlm.masking import IGNORE_INDEX
 
-FAMILIES = ("bert", "roberta", "distilbert")
+FAMILIES = ("bert", "roberta", "distilbert", "deberta-v2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names the CLIs take
 ACTIVATIONS = {
     "gelu": F.gelu,  # the exact erf form, as in the original BERT
@@ -54,8 +57,17 @@ class ModelConfig:
     hidden_dropout: float = 0.1  # after embeddings, the attention projection (not DistilBERT) and the MLP
     attention_dropout: float = 0.1  # on the attention probabilities
     initializer_range: float = 0.02  # std of the normal init for a model trained from scratch
-    family: str = "bert"  # "bert" | "roberta" | "distilbert": key names and config.json format on save
+    family: str = "bert"  # "bert" | "roberta" | "distilbert" | "deberta-v2": key names and config.json on save
     varlen: bool = False  # attention per sequence (nested tensors): padding is skipped, documents kept apart
+    # DeBERTa-v2/v3 (family "deberta-v2"), defaults as in v3; the BERT families keep the first two as they are.
+    embedding_size: int = 0  # word-embedding width when narrower than hidden_size (projected up); 0 = hidden_size
+    position_biased_input: bool = True  # add absolute position embeddings; v3 has relative positions only
+    pos_att_type: str = "p2c|c2p"  # position terms beside content-to-content: c2p, p2c or both ("|" between)
+    position_buckets: int = 256  # distances past +-buckets/2 share log-spaced buckets (v3); 0 = plain clamping
+    max_relative_positions: int = -1  # where clamping (or the log scale) ends; -1 = max_position_embeddings
+    share_att_key: bool = True  # positions go through the content W_q, W_k (v3), not their own projections
+    norm_relative: bool = True  # LayerNorm on the relative-position table (HF's norm_rel_ebd = "layer_norm")
+    legacy_head: bool = True  # the MLM head's HF names: cls.predictions.* (legacy) or lm_predictions.lm_head.*
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -67,11 +79,42 @@ class ModelConfig:
         for name in ("hidden_act", "head_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 raise ConfigError(f"unsupported {name} {getattr(self, name)!r}; use one of {', '.join(ACTIVATIONS)}")
+        if self.family != "deberta-v2":
+            if not self.position_biased_input or self.embedding_size not in (0, self.hidden_size):
+                raise ConfigError(f"position_biased_input=False and embedding_size are DeBERTa's; {self.family} "
+                                  "checkpoints have neither: use family deberta-v2 or drop them")
+            return
+        unknown = set(self.position_terms) - {"c2p", "p2c"}
+        if unknown or not self.position_terms:
+            raise ConfigError(f"pos_att_type {self.pos_att_type!r} is not supported; use c2p, p2c or p2c|c2p")
+        if not self.legacy_head and self.embedding_size not in (0, self.hidden_size):
+            raise ConfigError("legacy_head=False (lm_predictions.lm_head) needs embedding_size = hidden_size; "
+                              "use the legacy head or drop embedding_size")
+        if self.varlen:
+            raise ConfigError("varlen is not supported for deberta-v2: its position bias needs the padded "
+                              "(B, T, T) layout; drop --varlen (document attention works without it)")
 
     @property
     def max_tokens(self) -> int:
         """The longest sequence the position table allows (RoBERTa's offset uses up some rows)."""
         return self.max_position_embeddings - self.position_offset
+
+    @property
+    def position_terms(self) -> list[str]:
+        """DeBERTa's position terms, ["c2p", "p2c"] or one of them; [] for the BERT families."""
+        if self.family != "deberta-v2":
+            return []
+        return [t.strip() for t in self.pos_att_type.lower().split("|") if t.strip()]
+
+    @property
+    def relative_span(self) -> int:
+        """DeBERTa's S: relative positions index a table of 2S rows, S of them for distances below zero."""
+        return self.position_buckets if self.position_buckets > 0 else self.max_distance
+
+    @property
+    def max_distance(self) -> int:
+        """The relative distance where DeBERTa's clamping or log scale ends."""
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
 
 
 class Linear(nn.Linear):
@@ -92,31 +135,103 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        E = cfg.embedding_size or cfg.hidden_size  # DeBERTa may embed narrower, then project up to C
+        self.word = nn.Embedding(cfg.vocab_size, E, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, E) if cfg.position_biased_input else None
+        self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
+        self.proj = Linear(E, cfg.hidden_size, bias=False) if E != cfg.hidden_size else None
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T = input_ids.shape
+        x = self.word(input_ids)  # (B, T, E)
         if self.cfg.position_offset:
             # RoBERTa: real tokens are numbered from pad_token_id + 1 and padding keeps position pad_token_id.
             real = (input_ids != self.cfg.pad_token_id).int()
             positions = torch.cumsum(real, dim=1) * real + (self.cfg.position_offset - 1)  # (B, T)
-        else:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.word(input_ids) + self.position(positions)  # (B, T, C)
+            x = x + self.position(positions)
+        elif self.position is not None:
+            x = x + self.position(torch.arange(T, device=input_ids.device).expand(B, T))
         if self.token_type is not None:
             if token_type_ids is None:  # no segments given: all segment A, as HF does
                 x = x + self.token_type.weight[0]
             else:
                 x = x + self.token_type(token_type_ids)
-        return self.dropout(self.norm(x))
+        if self.proj is not None:
+            x = self.proj(x)  # (B, T, C)
+        x = self.norm(x)
+        if self.cfg.family == "deberta-v2" and attention_mask is not None:
+            # DeBERTa zeroes padded positions; real positions never see them either way (keys are masked).
+            x = x * attention_mask[..., None].to(x.dtype)
+        return self.dropout(x)
+
+
+class RelativePositions(nn.Module):
+    """DeBERTa's relative-position embeddings, one table of 2S rows shared by every layer.
+
+    Query i and key j use row S + d(i, j), clamped into the table, where d(i, j) = i - j: plain, or, with
+    position_buckets, kept exact up to +-buckets/2 and spread logarithmically up to +-max_distance beyond.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.table = nn.Embedding(2 * cfg.relative_span, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_relative else None
+
+    def forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (normalised) table (2S, C) and each query-key pair's row of it, index (T, T)."""
+        table = self.table.weight if self.norm is None else self.norm(self.table.weight)
+        S, buckets, device = self.cfg.relative_span, self.cfg.position_buckets, table.device
+        d = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]  # (T, T): i - j
+        if buckets > 0:
+            mid = buckets // 2
+            far = d.abs().clamp(min=mid)  # the log is only read where |d| > mid
+            # float32 throughout, as the checkpoints were trained: ceil turns a last-bit difference into a bucket.
+            log_range = torch.tensor((self.cfg.max_distance - 1) / mid, device=device).log()
+            log_d = mid + torch.ceil((far / mid).log() / log_range * (mid - 1))  # (T, T), >= mid
+            d = torch.where(d.abs() <= mid, d, (log_d * d.sign()).long())
+        return table, (d + S).clamp(0, 2 * S - 1)  # (2S, C), (T, T)
+
+
+def disentangled_bias(
+    q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor | None, pos_k: torch.Tensor | None,
+    index: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """DeBERTa's position terms for SDPA's float bias: (B, H, T, T), scaled like the content scores.
+
+        c2p[i, j] = q_i . pos_k[r]    the query's content against the key's position relative to it
+        p2c[i, j] = k_j . pos_q[r]    the key's content against that same relative position
+        r = index[i, j] = S + d(i, j), d(i, j) = i - j
+
+    p2c's row is derived from transformers' code, which the checkpoints were trained with: it gathers row
+    S - d(j, i) of k_j's products; d is odd (bucketing keeps the sign), so that is S + d(i, j), the row
+    c2p uses (the paper writes delta(j, i) for p2c). scale (1 / sqrt(D * (1 + terms))) multiplies q and
+    pos_q before the products, so fp16 holds them where the unscaled products would overflow.
+    q, k (B, H, T, D); pos_q, pos_k (H, 2S, D) or None for a term the config leaves out; index (T, T).
+    """
+    B, H, T, _ = q.shape
+    rows = index.expand(B, H, T, T)
+    bias = q.new_zeros(())
+    if pos_k is not None:
+        c2p = (q * scale) @ pos_k.transpose(-1, -2)  # (B, H, T, 2S): each query against every relative row
+        bias = bias + c2p.gather(-1, rows)  # (B, H, T, T)
+    if pos_q is not None:
+        p2c = k @ (pos_q * scale).transpose(-1, -2)  # (B, H, T, 2S): each key against every relative row
+        bias = bias + p2c.gather(-1, rows.transpose(-1, -2)).transpose(-1, -2)  # (B, H, T, T): [i, j] from row j
+    return bias
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection (HF keeps three; the mapping table splits it)."""
+    """Multi-head self-attention with one fused QKV projection (HF keeps three; the mapping table splits it).
+
+    DeBERTa adds its position terms (disentangled_bias) to the scores as SDPA's float bias, so the fused
+    attention kernels still run it.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -124,8 +239,18 @@ class Attention(nn.Module):
         self.dropout = cfg.attention_dropout
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.terms = cfg.position_terms  # [] outside DeBERTa
+        self.share_att_key = cfg.share_att_key
+        if self.terms and not cfg.share_att_key:  # v2 style: positions get projections of their own
+            self.pos_key = Linear(cfg.hidden_size, cfg.hidden_size) if "c2p" in self.terms else None
+            self.pos_query = Linear(cfg.hidden_size, cfg.hidden_size) if "p2c" in self.terms else None
+        if self.terms:  # DeBERTa drops out the shared position table again in every layer
+            self.rel_dropout = Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None,
+        rel: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         p_drop = self.dropout if self.training else 0.0
         if offsets is not None:
             return self.proj(self._varlen(x, offsets, p_drop))
@@ -135,9 +260,35 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         # mask: bool, True where a query may look at a key; (B, 1, 1, T) for padding, (B, 1, T, T) for documents.
+        if self.terms:
+            # DeBERTa: the mask becomes a float bias (B, H, T, T), -inf where hidden. Its scores are divided by
+            # sqrt(D * (1 + terms)) where SDPA divides by sqrt(D): q takes the rest of the scale.
+            mask = self._position_bias(q, k, *rel, mask)
+            q = q * (1 + len(self.terms)) ** -0.5
         y = attention(q, k, v, mask, p_drop)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
+
+    def _position_bias(self, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """DeBERTa's position terms for this layer, with the mask folded in as -inf: (B, H, T, T)."""
+        B, H, T, D = q.shape
+        C = H * D
+        table = self.rel_dropout(table)  # (2S, C)
+        if self.share_att_key:  # the content projections' weights, sliced out of the fused QKV
+            w, b = self.qkv.weight, self.qkv.bias
+            pos_q = linear(table, w[:C], b[:C]) if "p2c" in self.terms else None  # (2S, C)
+            pos_k = linear(table, w[C : 2 * C], b[C : 2 * C]) if "c2p" in self.terms else None  # (2S, C)
+        else:
+            pos_q = self.pos_query(table) if self.pos_query is not None else None  # (2S, C)
+            pos_k = self.pos_key(table) if self.pos_key is not None else None  # (2S, C)
+
+        def heads(t: torch.Tensor | None) -> torch.Tensor | None:  # (2S, C) -> (H, 2S, D)
+            return None if t is None else t.view(-1, H, D).transpose(0, 1)
+
+        scale = (D * (1 + len(self.terms))) ** -0.5
+        bias = disentangled_bias(q, k, heads(pos_q), heads(pos_k), index, scale)  # (B, H, T, T)
+        return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
     def _varlen(self, x: torch.Tensor, offsets: torch.Tensor, p_drop: float) -> torch.Tensor:
         """Attention over S sequences packed end to end in x (N, C); sequence s is x[offsets[s]:offsets[s+1]].
@@ -176,20 +327,26 @@ class Block(nn.Module):
         self.attn_dropout = Dropout(0.0 if cfg.family == "distilbert" else cfg.hidden_dropout)
         self.mlp_dropout = Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_dropout(self.attn(x, mask, offsets)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None,
+                rel: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, mask, offsets, rel)))
         x = self.mlp_norm(x + self.mlp_dropout(self.fc2(self.act(self.fc1(x)))))
         return x
 
 
 class MLMHead(nn.Module):
-    """Transform (dense + act + LayerNorm), then the decoder: the word embeddings, transposed, plus a bias."""
+    """Transform (dense + act + LayerNorm), then the decoder: the word embeddings, transposed, plus a bias.
+
+    DeBERTa's two namings of the head (cls.predictions.*, lm_predictions.lm_head.*) both compute this; the
+    legacy one maps to embedding_size, the width of the word embeddings it is tied to.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
+        E = cfg.embedding_size or cfg.hidden_size
+        self.dense = Linear(cfg.hidden_size, E)
         self.act = ACTIVATIONS[cfg.head_act]
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(E, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # the decoder's own bias, not tied to anything
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
@@ -208,6 +365,7 @@ class MaskedLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
+        self.relative = RelativePositions(cfg) if cfg.family == "deberta-v2" else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.head = MLMHead(cfg)
         self.apply(self._init_weights)
@@ -239,8 +397,8 @@ class MaskedLM(nn.Module):
         attention_mask (B, T): 1 for real tokens, 0 for padding; padded keys are hidden from every query,
         so padding never changes the outputs at real positions.
         doc_ids (B, T): document number of each token in a packed block; tokens attend only within their
-        own document (padding, given its own id such as -1, is then a document of its own). Positions
-        still count from the start of the block.
+        own document (padding, given its own id such as -1, is then a document of its own). Absolute
+        positions still count from the start of the block; DeBERTa's relative ones need no such care.
         """
         B, T = input_ids.shape
         if T > self.config.max_tokens:
@@ -248,12 +406,13 @@ class MaskedLM(nn.Module):
                 f"sequence of {T} tokens is longer than the model's limit of {self.config.max_tokens}; "
                 "truncate the input or use a shorter block size"
             )
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        x = self.embeddings(input_ids, token_type_ids, attention_mask)  # (B, T, C)
         if self.config.varlen and (attention_mask is not None or doc_ids is not None):
             return self._encode_varlen(x, attention_mask, doc_ids)
         mask = attention_mask_for(attention_mask, doc_ids)
+        rel = self.relative(T) if self.relative is not None else None  # DeBERTa: table (2S, C), index (T, T)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, rel=rel)
         return x
 
     def _encode_varlen(self, x: torch.Tensor, attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None):

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny Hugging Face checkpoints built offline by `transformers`, real text, real weights."""
 
 import ast
+import functools
 import importlib.util
+import io
 import json
 import logging
 import sysconfig
@@ -70,16 +72,60 @@ def _trained_tokenizer(kind: str):
     return RobertaTokenizer(vocab=model["vocab"], merges=merges)
 
 
+@functools.lru_cache(maxsize=None)
+def _spm_model() -> bytes:
+    """A small SentencePiece unigram model with DeBERTa's layout: [PAD] [CLS] [SEP] [UNK], then the pieces."""
+    import sentencepiece
+
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_docstrings()), model_writer=out, minloglevel=2, num_threads=1, vocab_size=500,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+        unk_piece="[UNK]",
+    )
+    return out.getvalue()
+
+
+def write_spm_tokenizer(folder: Path) -> int:
+    """A deberta-v3-like tokenizer folder: spm.model, tokenizer_config.json, [MASK] numbered after the pieces in
+    added_tokens.json. Returns the number of tokens (pieces + [MASK])."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spm.model").write_bytes(_spm_model())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False, "vocab_type": "spm"}))
+    (folder / "added_tokens.json").write_text(json.dumps({"[MASK]": SPM_PIECES}))
+    return SPM_PIECES + 1
+
+
+SPM_PIECES = 500
+EXTRA_ROWS = 7  # embedding rows past the tokenizer's tokens, as deberta-v3's 128,100 rows for 128,001 tokens
+# deberta-v3-base's switches at a tiny size: log buckets (from +-4 on), shared position keys, both position terms,
+# no absolute positions, no token types; the legacy head (cls.predictions.*), which transformers builds by default.
+DEBERTA_V3_LIKE = dict(
+    hidden_size=45, num_hidden_layers=2, num_attention_heads=5, intermediate_size=37, max_position_embeddings=64,
+    type_vocab_size=0, pad_token_id=0, relative_attention=True, position_buckets=8, max_relative_positions=-1,
+    pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+    layer_norm_eps=1e-7, initializer_range=0.1,
+)
+
+
 def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """Save a random tiny `*ForMaskedLM` and its tokenizer with `transformers`; odd sizes on purpose."""
     from transformers import (
-        BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig, RobertaForMaskedLM,
+        BertConfig, BertForMaskedLM, DebertaV2Config, DebertaV2ForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
+        RobertaConfig, RobertaForMaskedLM,
     )
 
-    tokenizer = _trained_tokenizer("bpe" if family == "roberta" else "wordpiece")
-    vocab = len(tokenizer)
+    if family == "deberta-v2":
+        vocab = write_spm_tokenizer(folder)
+        tokenizer = None
+    else:
+        tokenizer = _trained_tokenizer("bpe" if family == "roberta" else "wordpiece")
+        vocab = len(tokenizer)
     torch.manual_seed(seed)
-    if family == "bert":
+    if family == "deberta-v2":
+        cfg = dict(vocab_size=vocab + EXTRA_ROWS, **DEBERTA_V3_LIKE)
+        model = DebertaV2ForMaskedLM(DebertaV2Config(**{**cfg, **overrides}))
+    elif family == "bert":
         cfg = dict(vocab_size=vocab, hidden_size=45, num_hidden_layers=2, num_attention_heads=5,
                    intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
         model = BertForMaskedLM(BertConfig(**{**cfg, **overrides}))
@@ -98,7 +144,8 @@ def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) ->
             if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     return folder
 
 

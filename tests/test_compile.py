@@ -1,5 +1,6 @@
 """torch.compile: the training step is one graph (no graph break) and compiles once (no recompile)."""
 
+import pytest
 import torch
 import torch._dynamo
 from torch.testing import assert_close
@@ -8,6 +9,10 @@ from mlm.masking import mask_tokens
 from mlm.model import MaskedLM, ModelConfig
 
 CFG = dict(vocab_size=211, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64)
+FAMILY = {  # BERT, and DeBERTa-v3's switches: relative positions in log buckets, both position terms, a float bias
+    "bert": {},
+    "deberta-v2": dict(family="deberta-v2", type_vocab_size=0, position_biased_input=False, position_buckets=16),
+}
 
 
 def static_batch(seed: int, B: int = 4, T: int = 40):
@@ -19,9 +24,10 @@ def static_batch(seed: int, B: int = 4, T: int = 40):
     return masked, labels
 
 
-def test_training_step_compiles_to_one_graph_without_recompiles():
+@pytest.mark.parametrize("family", FAMILY)
+def test_training_step_compiles_to_one_graph_without_recompiles(family):
     torch.manual_seed(0)
-    model = MaskedLM(ModelConfig(**CFG, hidden_dropout=0.0, attention_dropout=0.0))
+    model = MaskedLM(ModelConfig(**CFG, **FAMILY[family], hidden_dropout=0.0, attention_dropout=0.0))
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -41,9 +47,10 @@ def test_training_step_compiles_to_one_graph_without_recompiles():
     assert len(graphs) == 1
 
 
-def test_max_predictions_pads_with_ignored_rows_and_matches_the_dynamic_path():
+@pytest.mark.parametrize("family", FAMILY)
+def test_max_predictions_pads_with_ignored_rows_and_matches_the_dynamic_path(family):
     torch.manual_seed(0)
-    model = MaskedLM(ModelConfig(**CFG, hidden_dropout=0.0, attention_dropout=0.0))
+    model = MaskedLM(ModelConfig(**CFG, **FAMILY[family], hidden_dropout=0.0, attention_dropout=0.0))
     ids, labels = static_batch(7)
     labels[1] = -100  # a row with no labels at all
     labels[2, :] = -100

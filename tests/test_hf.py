@@ -191,7 +191,9 @@ CLASSES = {  # the family's fullest model and its bare encoder, whose keys have 
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# DeBERTa's table spans several configurations (two head namings, optional projections) and a head no
+# transformers class has (mask_predictions.*): tests/test_deberta.py checks it over the union of them.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deberta-v2"])
 def test_each_table_names_every_key_transformers_writes_and_no_other(family):
     """Parameters and buffers (which older versions saved) alike, the `None` entries included."""
     config = AutoConfig.for_model(family, **TINY[family])
