@@ -47,7 +47,8 @@ from mlm.checkpoint import Progress, RunFolder, restore, training_state
 from mlm.distributed import (
     Dist, StopSignal, agree_max, agree_min, all_reduce_sum, barrier, is_communication_failure, setup_distributed, short,
 )
-from mlm.errors import ConfigError, DistributedError, MLMError, run_cli
+from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, run_cli
+from mlm.evaluate import score_blocks, summarize
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
 from mlm.model import DTYPES, MaskedLM, ModelConfig
@@ -144,6 +145,7 @@ PRESETS: dict[str, dict] = {
                        example="The capital of France is [MASK]."),
 }
 NEEDS_INIT = ("imdb", "eli5", "minilm", "deberta-v3")
+FAMILY_OF_TOKENIZER = {"wordpiece": "bert", "bpe": "roberta", "unigram": "deberta-v2"}  # for a model from scratch
 EVERY_WORDS = ("epoch",)  # what eval_every and save_every take besides a number of steps
 
 
@@ -234,12 +236,15 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MaskedLM:
             raise ConfigError(f"the tokenizer in {cfg.init} has more tokens than the model's embedding table")
     else:
         fields = dict(cfg.model)
-        family = fields.pop("family", "roberta" if tokenizer.kind == "bpe" else "bert")
+        family = fields.pop("family", FAMILY_OF_TOKENIZER[tokenizer.kind])
         fields.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, family=family)
         if family == "roberta":
             fields.setdefault("position_offset", tokenizer.pad_token_id + 1)
             fields.setdefault("max_position_embeddings", cfg.block_size + tokenizer.pad_token_id + 1)
             fields.setdefault("type_vocab_size", 1)
+        if family == "deberta-v2":  # v3's shape: relative positions only, no token types
+            for name, value in dict(type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7).items():
+                fields.setdefault(name, value)
         model = MaskedLM(ModelConfig(**fields))
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
@@ -269,29 +274,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ======================================================================================== evaluation
-@torch.no_grad()
 def evaluate(model: MaskedLM, val: dict, job: Dist, micro: int, autocast) -> dict:
-    """Loss, perplexity and accuracy over every masked token of the fixed validation set, on all ranks."""
-    model.eval()
+    """Loss, perplexity and accuracy over every masked token of the fixed validation set, each rank scoring a
+    contiguous share (the masks were fixed globally, so the shares add up to the single-process numbers)."""
     n = val["input_ids"].shape[0]
-    share = range(job.rank * n // job.world, (job.rank + 1) * n // job.world)  # the masks were fixed globally
-    device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for start in range(share.start, share.stop, micro):
-        rows = slice(start, min(start + micro, share.stop))
-        ids, attention, labels = (val[k][rows].to(device) for k in ("masked_ids", "attention_mask", "labels"))
-        doc_ids = val["doc_ids"][rows].to(device) if "doc_ids" in val else None
-        with autocast:
-            hidden, targets = model.labelled_rows(model.encode(ids, attention, doc_ids=doc_ids), labels)
-            logits = model.logits(hidden).float()  # (N, V)
-        totals[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
-        totals[1] += (logits.argmax(-1) == targets).sum()
-        totals[2] += targets.numel()
-    loss_sum, correct, count = all_reduce_sum(totals, job.world).tolist()
-    model.train()
-    loss = loss_sum / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 100.0)), "val_acc": correct / max(count, 1),
-            "val_tokens": int(count)}
+    share = range(job.rank * n // job.world, (job.rank + 1) * n // job.world)
+    totals = score_blocks(model, val, rows=share, batch_size=micro, autocast=autocast)  # [loss sum, correct, count]
+    result = summarize(all_reduce_sum(totals, job.world))
+    return {"val_loss": result["loss"], "val_ppl": result["perplexity"], "val_acc": result["accuracy"],
+            "val_tokens": result["tokens"]}
 
 
 # ============================================================================================ set-up
@@ -436,7 +427,7 @@ def shrink_micro_batch(run: Run, step: int, error: Exception) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     if cfg.micro_batch_size != "auto" or (run.settled and job.world > 1):
         # Under DDP, once training is under way, the other ranks may already wait in the gradient all-reduce.
-        raise MLMError(f"out of memory at step {step} with micro-batches of {plan.micro_batch}; resume with "
+        raise OutOfMemory(f"out of memory at step {step} with micro-batches of {plan.micro_batch}; resume with "
                        f"--micro-batch-size {max(1, plan.micro_batch // 2)} (or auto, which halves and retries)")
     if isinstance(error, torch.OutOfMemoryError) and job.world > 1:
         agree_max(job, 1)  # tells the ranks waiting in train_step that this one failed
@@ -445,7 +436,7 @@ def shrink_micro_batch(run: Run, step: int, error: Exception) -> None:
         torch.cuda.empty_cache()
     smaller = agree_min(job, next((m for m in range(plan.micro_batch // 2, 0, -1) if plan.per_rank % m == 0), 0))
     if smaller < 1:
-        raise MLMError(f"out of memory at step {step} even with micro-batches of 1 sequence; use a shorter "
+        raise OutOfMemory(f"out of memory at step {step} even with micro-batches of 1 sequence; use a shorter "
                        "--block-size, --dtype bf16, or a machine with more memory")
     if job.master:
         tqdm.write(f"out of memory with micro-batches of {plan.micro_batch}: step {step} again with {smaller}",
@@ -477,34 +468,33 @@ def train(cfg: TrainConfig, job: Dist) -> None:
     stop = StopSignal().install()
     if run.progress.step == 0:
         validate(run)  # the baseline: perplexity before any update
-    bar = tqdm(total=cfg.max_steps, initial=run.progress.step, disable=not job.master, dynamic_ncols=True,
-               file=sys.stderr)
-    meter = Meter(run)
-    while (step := run.progress.step) < cfg.max_steps:
-        # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed or retried step draws what it
-        # would have; the learning rate is a function of the step too, so neither needs state in the checkpoint.
-        torch.manual_seed(cfg.seed * 1_000_003 + step * job.world + job.rank)
-        for group in run.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        try:
-            loss, grad_norm = train_step(run, step)
-        except (torch.OutOfMemoryError, RetryStep) as e:
-            shrink_micro_batch(run, step, e)
-            continue
-        if not run.settled:
-            run.settled, run.progress.micro_batch = True, run.plan.micro_batch
-            meter.note_micro_batch(step)
-        meter.bad_steps = apply_update(run, loss, grad_norm, meter.bad_steps)
-        run.progress.step = done = step + 1
-        bar.update(1)
-        meter.step(done, loss, grad_norm, bar)
-        if due(cfg.eval_every, done, run):
-            validate(run)
-        if due(cfg.save_every, done, run):
-            save_checkpoint(run)
-        if signum := stop.requested(job):
-            preempt(run, signum)
-    bar.close()
+    with tqdm(total=cfg.max_steps, initial=run.progress.step, disable=not job.master, dynamic_ncols=True,
+              file=sys.stderr) as bar:  # closed before an error is printed, so the error is the last line
+        meter = Meter(run)
+        while (step := run.progress.step) < cfg.max_steps:
+            # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed or retried step draws what
+            # it would have; the learning rate is a function of the step too: neither needs a checkpoint's state.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * job.world + job.rank)
+            for group in run.optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg)
+            try:
+                loss, grad_norm = train_step(run, step)
+            except (torch.OutOfMemoryError, RetryStep) as e:
+                shrink_micro_batch(run, step, e)
+                continue
+            if not run.settled:
+                run.settled, run.progress.micro_batch = True, run.plan.micro_batch
+                meter.note_micro_batch(step)
+            meter.bad_steps = apply_update(run, loss, grad_norm, meter.bad_steps)
+            run.progress.step = done = step + 1
+            bar.update(1)
+            meter.step(done, loss, grad_norm, bar)
+            if due(cfg.eval_every, done, run):
+                validate(run)
+            if due(cfg.save_every, done, run):
+                save_checkpoint(run)
+            if signum := stop.requested(job):
+                preempt(run, signum)
     validate(run)
     save_checkpoint(run)
     if job.master:
@@ -593,9 +583,9 @@ def preempt(run: Run, signum: int) -> None:
     if run.job.master:
         argv = [a for a in sys.argv[1:] if a != "--resume"]
         launcher = "torchrun ... " if run.job.world > 1 else "python "
-        print(f"stopped by {signal.Signals(signum).name} after step {run.progress.step}; checkpoint "
-              f"{run.folder.checkpoint_path(run.progress.step)}. Resume with: {launcher}"
-              f"{shlex.join([sys.argv[0], *argv, '--resume'])}", file=sys.stderr)
+        tqdm.write(f"stopped by {signal.Signals(signum).name} after step {run.progress.step}; checkpoint "
+                   f"{run.folder.checkpoint_path(run.progress.step)}. Resume with: {launcher}"
+                   f"{shlex.join([sys.argv[0], *argv, '--resume'])}", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 

@@ -312,10 +312,15 @@ def load_dataset_meta(data_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path} is not valid JSON ({e.msg}); {hint} again") from None
     if meta.get("format") != "mlm-tokens" or meta.get("version") != FORMAT_VERSION:
         raise DataError(f"{path} is not an mlm dataset of format version {FORMAT_VERSION}; {hint} again")
-    itemsize = {"tokens": np.dtype(meta["dtype"]).itemsize, "docs": 8, "words": 1}
+    try:
+        itemsize = {"tokens": np.dtype(meta["dtype"]).itemsize, "docs": 8, "words": 1}
+        counts = {split: meta["splits"][split] for split in SPLITS}
+        for key in ("vocab_size", "special_ids", "all_special_ids"):  # read later: a missing one is damage now
+            meta[key]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path} lacks {e} or is malformed: the dataset is damaged; {hint} again") from None
     for split in SPLITS:
-        counts = meta["splits"][split]
-        expected = {"tokens": counts["tokens"], "docs": counts["docs"] + 1, "words": counts["tokens"]}
+        expected = {"tokens": counts[split]["tokens"], "docs": counts[split]["docs"] + 1, "words": counts[split]["tokens"]}
         for kind in ARRAYS:
             file = folder / f"{split}.{kind}"
             size = file.stat().st_size if file.is_file() else None
@@ -323,6 +328,11 @@ def load_dataset_meta(data_dir: str | os.PathLike) -> dict:
             if size != want:
                 found = "is missing" if size is None else f"has {size} bytes, expected {want}"
                 raise DataError(f"{file} {found}: the dataset is incomplete or damaged; {hint} again")
+        # The document offsets must run from 0 to the token count: a cheap check that catches mixed-up files.
+        offsets = np.fromfile(folder / f"{split}.docs", dtype=np.int64)
+        if offsets[0] != 0 or offsets[-1] != counts[split]["tokens"] or (offsets[1:] < offsets[:-1]).any():
+            raise DataError(f"{folder / (split + '.docs')} does not match {split}.tokens: the dataset is damaged; "
+                            f"{hint} again")
     return meta
 
 
@@ -434,6 +444,7 @@ class PackedBlocks:
         self.meta = load_dataset_meta(data_dir)
         self.arrays = open_split(data_dir, split, self.meta)
         self.split, self.block_size, self.remainder = split, block_size, remainder
+        self.folder, self.vocab_size = Path(data_dir), self.meta["vocab_size"]
         self.num_tokens = len(self.arrays.tokens)
         rounding = math.ceil if remainder == "pad" else math.floor
         self.num_blocks = rounding(self.num_tokens / block_size)
@@ -467,6 +478,9 @@ class PackedBlocks:
         position = np.minimum(position, self.num_tokens - 1)
 
         ids = np.where(real, self.arrays.tokens[position], self.pad_token_id).astype(np.int64)  # (B, T)
+        if ids.size and ids.max() >= self.vocab_size:  # ids another tokenizer made, or damaged bytes
+            raise DataError(f"the {self.split} split of {self.folder} holds token id {ids.max()}, beyond its "
+                            f"vocabulary of {self.vocab_size}: the dataset is damaged; prepare it again")
         # A block can start mid-word; that fragment is a word of its own here, as in HF's whole-word collator.
         word_starts = real & (self.arrays.words[position] != 0)
         word_starts[:, 0] = real[:, 0]

@@ -49,6 +49,12 @@ class StorageError(MLMError):
     exit_code = 1
 
 
+class OutOfMemory(MLMError):
+    """Training does not fit in the device's memory, and --micro-batch-size auto could not make it fit."""
+
+    exit_code = 1
+
+
 class DistributedError(MLMError):
     """Another rank died, hung, or did not answer within --dist-timeout."""
 
