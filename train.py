@@ -52,7 +52,7 @@ from mlm.evaluate import score_blocks, summarize
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
 from mlm.model import DTYPES, MaskedLM, ModelConfig
-from mlm.pipeline import Prefetcher, batch_source, masking_settings, prepare_data, validation_set
+from mlm.pipeline import MicroBatch, Prefetcher, batch_source, masking_settings, prepare_data, validation_set
 from mlm.tokenizer import Tokenizer
 
 
@@ -363,7 +363,7 @@ class RetryStep(Exception):
     """Some rank ran out of memory during this step: every rank drops its gradients and runs it again."""
 
 
-def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm), on the device.
 
     Each micro-batch's mean loss is weighted by its share of the step's masked tokens over all ranks, so
@@ -372,7 +372,7 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     with --micro-batch-size auto) the ranks first agree that every backward went through, and only then
     all-reduce, so a rank that ran out of memory leaves no collective waiting for it.
     """
-    micro_batches, job = run.batches.get(step), run.job
+    job = run.job
     static = run.cfg.static_masking or run.cfg.compile  # at most this many labels per row: fixed head shapes
     max_predictions = max(1, round(run.cfg.mlm_probability * run.cfg.block_size)) if static else None
     counts = [(mb.labels != IGNORE_INDEX).sum() for mb in micro_batches]
@@ -478,7 +478,7 @@ def train(cfg: TrainConfig, job: Dist) -> None:
             for group in run.optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
             try:
-                loss, grad_norm = train_step(run, step)
+                loss, grad_norm = train_step(run, run.batches.get(step))
             except (torch.OutOfMemoryError, RetryStep) as e:
                 shrink_micro_batch(run, step, e)
                 continue

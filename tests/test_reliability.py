@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ROOT, TINY, assert_same_weights, dataset, final_weights, free_port, metrics  # noqa: F401
+from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics
 
 COMMON = [*TINY, "--max-steps", "24", "--global-batch-size", "8", "--save-every", "10", "--eval-every", "12"]
 

@@ -16,26 +16,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, pipeline
 
 import mlm
-from mlm import data as mdata
-from mlm.corpus import Corpus
 from mlm.fillmask import fill_mask
-from mlm.tokenizer_train import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough that a run takes seconds on a 2-core CPU; on the CPU even where a GPU is present, since
 # the comparisons below are bit for bit.
 TINY = ["--device", "cpu", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
         "--block-size", "32", "--eval-blocks", "16", "--log-every", "1", "--lr", "3e-3", "--warmup", "2"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A prepared dataset of stdlib docstrings with its own small WordPiece vocabulary."""
-    texts = stdlib_docstrings()
-    tokenizer = train_tokenizer(texts, "wordpiece", 600)
-    folder = tmp_path_factory.mktemp("data") / "docs"
-    mdata.prepare(Corpus.from_texts(texts), folder, tokenizer, val_fraction=0.1, progress=False)
-    return folder
 
 
 def free_port() -> int:

@@ -1,0 +1,161 @@
+"""GPU and multi-node readiness, checked on the CPU: device choice under torchrun, node-local data preparation,
+the background input pipeline, and a training step that never waits for the device."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import stdlib_docstrings
+from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics, run_train
+
+import mlm.distributed
+from mlm.distributed import Dist, pick_device, setup_distributed
+from mlm.errors import ConfigError
+
+
+# ------------------------------------------------------------------------------------------- devices
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="--device cuda:0 under torchrun would put every rank on one GPU; pass "
+                                          "--device cuda"):
+        pick_device("cuda:0", world=2, local_rank=1)
+
+
+def test_more_local_ranks_than_gpus_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device before the check"))
+    with pytest.raises(ConfigError, match=r"needs GPU 1 \(LOCAL_RANK 1\) but the machine has 1; start at most"):
+        setup_distributed("")
+
+
+def test_cuda_without_an_index_is_this_ranks_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("cuda", world=4, local_rank=3) == torch.device("cuda", 3)
+    assert pick_device("", world=4, local_rank=2) == torch.device("cuda", 2)
+    assert pick_device("cpu", world=4, local_rank=2) == torch.device("cpu")
+
+
+@pytest.mark.cuda
+def test_each_process_sets_its_own_gpu():
+    job = setup_distributed("cuda")
+    assert job.device == torch.device("cuda", 0) and torch.cuda.current_device() == 0
+
+
+# ------------------------------------------------------------------------------- the input pipeline
+@pytest.mark.slow
+def test_prefetching_changes_no_bit(dataset, tmp_path):
+    """The background thread builds the same batches: masks are seeded by position, not by call order."""
+    common = ["--data", dataset, *TINY, "--max-steps", "6", "--global-batch-size", "8", "--micro-batch-size", "4"]
+    for name, flag in (("inline", "--no-prefetch"), ("thread", "--prefetch")):
+        done = run_train(*common, flag, "--out", tmp_path / name)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(final_weights(tmp_path / "thread"), final_weights(tmp_path / "inline"), atol=0)
+
+
+class SyncCounter:
+    """Counts the ways a tensor's value is read on the host: on a GPU each is a wait for the device."""
+
+    READS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+    def __init__(self, monkeypatch):
+        self.active, self.count = False, 0
+        for name in self.READS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def read(tensor, *args, **kwargs):
+            self.count += self.active
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def around(self, fn):
+        def counted(*args, **kwargs):
+            self.active = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.active = False
+        return counted
+
+
+def test_the_training_step_never_reads_the_device(dataset, tmp_path, monkeypatch):
+    """train_step and apply_update leave loss, norm and the non-finite guard on the device; only the report every
+    --log-every steps reads them back (on a GPU, the one wait for the device in the loop)."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    counter = SyncCounter(monkeypatch)
+    for name in ("train_step", "apply_update"):
+        monkeypatch.setattr(train, name, counter.around(getattr(train, name)))
+    reads_per_report = []
+    real_step = train.Meter.step
+
+    def meter_step(self, done, *args):
+        before = counter.count
+        counter.active = True
+        try:
+            real_step(self, done, *args)
+        finally:
+            counter.active = False
+        reads_per_report.append((done, counter.count - before))
+
+    monkeypatch.setattr(train.Meter, "step", meter_step)
+    cfg = train.parse_config(["--data", str(dataset), *TINY, "--max-steps", "9", "--log-every", "4",
+                              "--global-batch-size", "4", "--out", str(tmp_path / "run"), "--no-prefetch"])
+    before_loop = counter.count
+    train.train(cfg, Dist())
+    assert counter.count == before_loop + sum(n for _, n in reads_per_report)  # nothing in train_step/apply_update
+    assert [done for done, n in reads_per_report if n] == [4, 8, 9]  # the reports, and only they
+    assert [m["step"] for m in metrics(tmp_path / "run") if "loss" in m] == [4, 8, 9]
+
+
+# ----------------------------------------------------------------------------------------- nodes
+@pytest.mark.slow
+def test_nodes_with_their_own_disks_each_prepare_the_same_data(dataset, tmp_path):
+    """Two torchrun nodes whose --out folders differ (as two machines' local disks would): each node's first
+    rank tokenizes the corpus into its own folder, the bytes agree, and the ranks check they read one dataset."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(stdlib_docstrings()))
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "train.py"),
+               "--data", str(corpus), "--tokenizer", str(dataset), *map(str, TINY), "--max-steps", "3",
+               "--global-batch-size", "4", "--out", str(tmp_path / f"node{node}")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    for name in ("train.tokens", "train.docs", "val.tokens", "meta.json"):
+        a, b = (tmp_path / f"node{n}" / "data" / name for n in (0, 1))
+        if name == "meta.json":  # the same but for how long each took
+            ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+            ja.pop("seconds"), jb.pop("seconds")
+            assert ja == jb
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+    assert (tmp_path / "node0" / "final").is_dir() and not (tmp_path / "node1" / "final").exists()
+
+
+def test_ranks_that_read_different_data_stop(dataset, monkeypatch):
+    """The last check of prepare_data: a fingerprint that differs between ranks is an error naming the fix."""
+    from mlm import pipeline
+    from mlm.errors import DataError
+
+    assert mlm.distributed.same_on_every_rank(Dist(), "x")  # one process always agrees with itself
+    monkeypatch.setattr(pipeline, "same_on_every_rank", lambda job, value: False)
+    cfg = types.SimpleNamespace(out="unused", data=[str(dataset)], init=None, tokenizer=None)
+    with pytest.raises(DataError, match="the ranks read different datasets from .*; prepare it once with prepare.py"):
+        pipeline.prepare_data(cfg, Path(cfg.out), Dist())
