@@ -1,12 +1,21 @@
 """Benchmarks: mlm side by side with Hugging Face `transformers`, in one run, on the same weights and batches.
 
-    python bench.py                                   # tiny + base, seq 128, fp32 + bf16, every section
+    python bench.py                                   # random tiny + base BERT, seq 128, fp32 + bf16, every section
+    python bench.py --model ~/models/roberta-base     # a local model folder: train, infer, fillmask
     python bench.py --only train --sizes base --dtypes bf16 --steps 5
+    python bench.py --sizes deberta-v3-base --seq 128,512        # deberta-v3-base's shape, random weights
     python bench.py --device cuda --sizes base --seq 128,512 --dtypes bf16 --compile     # the GPU targets
     python bench.py --sizes tiny,small,base --seq 128,512 --dtypes fp32,bf16 --json all.json   # full matrix
 
-Sections (`--only`, default all):
-  train     forward + backward + AdamW step, tokens/s. HF is BertForMaskedLM with SDPA attention.
+Models. `--sizes` names random models of fixed shapes (benchmarks/vs_hf.py's RANDOM_MODELS: BERT tiny,
+small and base, and deberta-v3-base's shape), saved by transformers with a real tokenizer; `--model DIR`
+(repeatable, `NAME=DIR` to name its rows) benches a local folder mlm loads, on its own config, weights and
+tokenizer. Either way both sides load the same folder, and its rows carry its name in the size column.
+A folder named like a size (e.g. deberta-v3-base) is judged by that size's targets.
+
+Sections (`--only`; default all, or train,infer,fillmask with --model):
+  train     forward + backward + AdamW step, tokens/s, peak memory; MFU and HFU with a known peak.
+            HF is AutoModelForMaskedLM with SDPA attention, or eager where the architecture has no SDPA.
   infer     forward under no_grad, full (B, T, V) logits on both sides, tokens/s.
   fillmask  one sentence through mlm.fill_mask vs transformers.pipeline("fill-mask"), latency.
   collator  mlm.masking.mask_tokens vs DataCollatorForLanguageModeling, blocks/s.
@@ -17,13 +26,15 @@ Sections (`--only`, default all):
 
 Reading order. This file holds the options, the targets and main(); each comparison lives in benchmarks/:
   benchmarks/common.py      Row, repetition defaults, timing (`alternate`), machine load, memory, the table
-  benchmarks/vs_hf.py       train, infer, fillmask: the shared random model, batches, parity, FLOPs and MFU
+  benchmarks/vs_hf.py       train, infer, fillmask: the checkpoint both sides load, batches, parity, MFU/HFU
   benchmarks/collator.py    collator
   benchmarks/tokenizing.py  tokenize
   benchmarks/kernels.py     kernels
+  mlm/flops.py              FLOPs per token: model FLOPs (MFU) and hardware FLOPs (HFU), what they count
 
 Warm-up repetitions are not timed; timed repetitions alternate ours, HF, ours, HF... and the median is
-reported, because shared machines are noisy and a drift then hits both sides alike.
+reported, because shared machines are noisy and a drift then hits both sides alike. With --compile,
+torch.compile is reset before each configuration, so each row times graphs built for its own shapes.
 
 The table's `gain` column is always "how many times better ours is": ours/HF for throughputs
 (tokens/s, blocks/s) and HF/ours for times, latencies and memory. The targets below are minimum gains
@@ -33,7 +44,6 @@ The table's `gain` column is always "how many times better ours is": ours/HF for
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -45,12 +55,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.collator import bench_collator
-from benchmarks.common import Row, batch_for, environment, print_table, quiet_transformers, tokenizer_files
+from benchmarks.common import Row, environment, print_table, quiet_transformers, tokenizer_files
 from benchmarks.kernels import bench_kernels
 from benchmarks.tokenizing import bench_tokenize
-from benchmarks.vs_hf import SIZES, bench_fillmask, bench_infer, bench_train, parity, save_random_bert
+from benchmarks.vs_hf import (RANDOM_MODELS, SIZES, Checkpoint, bench_checkpoint, open_checkpoint, parity,
+                              save_random_model)
+from mlm.errors import ConfigError, run_cli
+from mlm.hf import config_from_hf, read_hf_config
+from mlm.model import FAMILIES
 
 SECTIONS = ("train", "infer", "fillmask", "collator", "tokenize", "kernels")
+MODEL_SECTIONS = ("train", "infer", "fillmask")  # the ones that load a model; --model's default
 
 
 @dataclass
@@ -92,6 +107,16 @@ TARGETS = [
     # Set for an H100; on other GPUs the rows still say met / not met against the same numbers.
     Target("cuda", "train", "base", 128, "bf16", "throughput", min_gain=2.0, text=">= 2x HF tokens/s (H100)"),
     Target("cuda", "train", "base", 128, "bf16", "MFU", min_ours=0.45, text=">= 45% MFU (H100)"),
+    # DeBERTa-v3-base's shape (random weights: speed does not depend on their values). Batch 8 x 128 on the CPU.
+    Target("cpu", "train", "deberta-v3-base", 128, "fp32", "throughput", min_gain=2.0, text=">= 2x HF tokens/s"),
+    Target("cpu", "train", "deberta-v3-base", 128, "bf16", "throughput", min_gain=2.0, text=">= 2x HF tokens/s"),
+    Target("cpu", "train", "deberta-v3-base", 512, None, "throughput", min_gain=2.0, text=">= 2x HF tokens/s"),
+    Target("cpu", "train", "deberta-v3-base", None, None, "peak memory", min_gain=1.0, text="below HF's"),
+    Target("cpu", "infer", "deberta-v3-base", 128, None, "throughput", min_gain=1.3, text=">= 1.3x HF tokens/s"),
+    Target("cpu", "fillmask", "deberta-v3-base", None, None, "latency", min_gain=2.0,
+           text="latency <= 0.5x pipeline's"),
+    Target("cuda", "train", "deberta-v3-base", 128, "bf16", "throughput", min_gain=2.0, text=">= 2x HF tokens/s"),
+    Target("cuda", "train", "deberta-v3-base", 512, "bf16", "throughput", min_gain=2.0, text=">= 2x HF tokens/s"),
 ]
 
 
@@ -106,29 +131,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="mlm vs Hugging Face transformers: training, inference, fill-mask, masking, tokenizing.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="The full matrix (slow on a CPU):\n"
+        epilog="A local model folder, at two lengths and both CPU dtypes:\n"
+               "  python bench.py --model ~/models/bert-base-uncased --seq 128,512 --dtypes fp32,bf16\n"
+               "The full matrix (slow on a CPU):\n"
                "  python bench.py --sizes tiny,small,base --seq 128,512 --dtypes fp32,bf16 --json all.json\n"
-               "The GPU targets (H100, bert-base, bf16):\n"
-               "  python bench.py --device cuda --sizes base --seq 128,512 --dtypes bf16 --compile\n"
+               "The GPU targets (H100, bert-base and deberta-v3-base, bf16):\n"
+               "  python bench.py --device cuda --sizes base,deberta-v3-base --seq 128,512 --dtypes bf16 --compile\n"
                "Add fp16 (autocast + GradScaler) on CUDA with --dtypes bf16,fp16.",
     )
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}")
-    p.add_argument("--sizes", default="tiny,base", help=f"comma-separated model sizes: {','.join(SIZES)}")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated sections: {','.join(SECTIONS)} (default: all; with --model, "
+                        f"{','.join(MODEL_SECTIONS)})")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a local Hugging Face model folder that mlm loads (BERT, RoBERTa, DistilBERT, ...); "
+                        "repeatable; its rows are named NAME or the folder's name")
+    p.add_argument("--sizes", default=None,
+                   help=f"comma-separated random models: {','.join(SIZES)} (default: tiny,base; none with --model)")
     p.add_argument("--seq", default="128", help="comma-separated sequence lengths, e.g. 128,512")
     p.add_argument("--dtypes", default="fp32,bf16", help="fp32, bf16 (autocast), fp16 (autocast + GradScaler, CUDA)")
     # The defaults of --batch, --steps and --warmup are worked out in benchmarks/common.py (batch_for, steps_for,
     # warmup_for).
     p.add_argument("--batch", type=int, default=None,
                    help="sequences per batch (default: 1024/seq tokens' worth on CPU, 8192/seq on CUDA)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed repetitions per side (default CPU: tiny 10, small and base 5; CUDA: 20)")
+                   help="timed repetitions per side (default CPU: 10 for models under 10M parameters such as "
+                        "tiny, else 5; CUDA: 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions per side (default 1 CPU, 3 CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models (more warm-up)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models (more warm-up; reset before each configuration)")
     p.add_argument("--breakdown", action="store_true", help="also time forward, backward and optimizer separately")
     p.add_argument("--foreach-adamw", action="store_true",
                    help="torch's foreach AdamW for both instead of the fused one (the default, as in train.py)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for MFU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for MFU and HFU")
     p.add_argument("--calls", type=int, default=30, help="fill-mask and kernels: timed calls per side")
     p.add_argument("--calls-warmup", type=int, default=3, help="fill-mask: untimed calls per side")
     p.add_argument("--collator-blocks", type=int, default=256, help="collator: blocks of 128 tokens per call")
@@ -151,24 +186,78 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown or missing value(s) {', '.join(map(str, bad)) or repr(value)}{choices}")
         return items
 
-    args.only = split(args.only, SECTIONS)
-    args.sizes = split(args.sizes, SIZES)
+    args.only = split(args.only or ",".join(MODEL_SECTIONS if args.model else SECTIONS), SECTIONS)
+    args.sizes = split(args.sizes, SIZES) if args.sizes is not None else ([] if args.model else ["tiny", "base"])
     args.seq = split(args.seq, None, int)
     args.dtypes = split(args.dtypes, ("fp32", "bf16", "fp16"))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} but CUDA is not available here; use --device cpu")
-    if "fp16" in args.dtypes and not args.device.startswith("cuda"):
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(f"--device {args.device} but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 on")
+    if "fp16" in args.dtypes and device.type != "cuda":
         p.error("fp16 needs CUDA (autocast + GradScaler); use bf16 on the CPU")
-    if any(s > 512 for s in args.seq):
-        p.error("--seq above 512 exceeds BERT's 512 positions")
+    for size in args.sizes:
+        if RANDOM_MODELS[size][0] not in FAMILIES:
+            p.error(f"--sizes {size} needs mlm to load {RANDOM_MODELS[size][0]} checkpoints, which this version "
+                    f"does not (it loads {', '.join(FAMILIES)})")
+    if args.sizes and any(s > 512 for s in args.seq):
+        p.error("--seq above 512 exceeds the random models' 512 positions")
     return args
+
+
+def model_folders(args) -> list[tuple[str, Path]]:
+    """(name, folder) for each --model, each config read now: a wrong folder or too long a --seq fails at once."""
+    out = []
+    for value in args.model:
+        name, sep, path = value.partition("=")
+        if not sep or Path(value).is_dir():
+            name, path = Path(value).resolve().name, value
+        folder = Path(path).expanduser()
+        limit = config_from_hf(read_hf_config(folder)).max_tokens
+        if max(args.seq) > limit:
+            raise ConfigError(f"--seq {max(args.seq)} is longer than {folder}'s limit of {limit} tokens; "
+                              f"use --seq {limit} or less")
+        out.append((name, folder))
+    names = [name for name, _ in out] + args.sizes
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"two models are named {twice[0]!r}; name the folders apart with --model NAME=DIR")
+    return out
+
+
+def bench_device(name: str) -> torch.device:
+    """The device, with an explicit index on CUDA, made current: then every allocation, kernel launch and
+    synchronise goes to it, and code that asks for plain "cuda" lands there too (--device cuda:1)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def describe(ckpt: Checkpoint, source: str, max_diff: float) -> dict:
+    """Print one line about the pair of models and return it for the JSON."""
+    cfg = ckpt.config
+    info = {"folder": source, "family": cfg.family, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "parity_max_abs_logit_diff": max_diff, **ckpt.notes}
+    print(f"{ckpt.name}: {cfg.family}, {cfg.num_layers} x {cfg.hidden_size}, vocabulary {cfg.vocab_size:,} | "
+          f"HF attention {ckpt.notes['hf_attention']} | same weights: largest logit difference {max_diff:.1e}"
+          + (f" | head: {ckpt.notes['head']}" if "head" in ckpt.notes else ""), flush=True)
+    return info
 
 
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
+    models = model_folders(args)
     quiet_transformers()
     logging.getLogger("mlm").setLevel(logging.ERROR)
-    device = torch.device(args.device)
+    device = bench_device(args.device)
     env = environment(args, device)
     load = f"{env['load_average_at_start'][0]:.2f}" if env["load_average_at_start"] else "?"
     print(f"{env['device_name']} | torch {env['torch']} | transformers {env['transformers']} | "
@@ -176,28 +265,20 @@ def main(argv=None) -> list[Row]:
 
     rows: list[Row] = []
     parities: dict[str, float] = {}
+    env["models"] = {}
     scratch = Path(tempfile.mkdtemp(prefix="mlm-bench-"))
     try:
         tokenizer_dir = scratch / "tokenizer"
-        tokenizer_dir.mkdir()
-        env["tokenizer"] = tokenizer_files(tokenizer_dir)
-        for size in args.sizes if {"train", "infer", "fillmask"} & set(args.only) else []:
-            folder = save_random_bert(size, scratch / size)
-            parities[size] = parity(folder, device)
-            for section in ("train", "infer"):
-                if section not in args.only:
-                    continue
-                for seq, dtype in itertools.product(args.seq, args.dtypes):
-                    print(f"{section} {size} seq {seq} {dtype} batch {batch_for(args, seq)} ...", flush=True)
-                    bench = bench_train if section == "train" else bench_infer
-                    rows += bench(args, device, folder, size, seq, dtype, batch_for(args, seq))
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-            if "fillmask" in args.only:
-                print(f"fillmask {size} ...", flush=True)
-                for name in os.listdir(tokenizer_dir):
-                    shutil.copy(tokenizer_dir / name, folder / name)
-                rows += bench_fillmask(args, device, folder, size)
+        if args.sizes or {"collator", "tokenize"} & set(args.only):
+            tokenizer_dir.mkdir()
+            env["tokenizer"] = tokenizer_files(tokenizer_dir)
+        for name, folder in [(size, None) for size in args.sizes] + models:
+            if not set(MODEL_SECTIONS) & set(args.only):
+                break
+            ckpt = open_checkpoint(name, folder or save_random_model(name, scratch / name, tokenizer_dir), scratch)
+            parities[name] = parity(ckpt, device)
+            env["models"][name] = describe(ckpt, str(folder or "random, seed 0"), parities[name])
+            rows += bench_checkpoint(args, device, ckpt)
         if "collator" in args.only:
             print("collator ...", flush=True)
             rows += bench_collator(args, tokenizer_dir)
@@ -226,4 +307,4 @@ def main(argv=None) -> list[Row]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,38 +1,62 @@
-"""Our model against transformers' BertForMaskedLM: a training step, inference, and one fill-mask call.
+"""Our model against transformers' AutoModelForMaskedLM: a training step, inference, and one fill-mask call.
 
-Fairness. Both models are loaded from one folder that `transformers` saved (a seeded random BertConfig
-of the chosen size; `parity` records their largest logit difference), see identical batches (random ids,
-15% of them labelled by mask_tokens, no padding), train in train mode (dropout on) with
-torch.optim.AdamW, and run under the same autocast. HF uses SDPA attention.
+The unit is a Checkpoint: one folder that both sides load, with its config, weights and tokenizer. It is
+either a local model folder (`bench.py --model DIR`: BERT, RoBERTa, DistilBERT, DeBERTa-v2/v3) or a
+seeded random model of a named shape that transformers saved (`--sizes`, see RANDOM_MODELS), given the
+shared tokenizer. A folder without an MLM head (a bare encoder such as all-MiniLM-L6-v2) would give each
+side its own fresh random head; instead transformers' head, initialised from a fixed seed, is saved with
+the encoder into a scratch folder that both sides then load, so both run the very same weights.
 
-MFU (model FLOPs utilisation) counts the FLOPs a full BERT training step needs, the same number for both
-sides, so that work one side skips (our head runs on the masked rows only) shows as speed, not as less work:
-    per token: 6 x (matmul parameters: per layer 4*C*C + 2*C*I, plus the head's C*C + C*V)
-             + 12 x layers x C x T  (attention scores and their weighted sum, forward and backward)
-  (inference: 2x and 4x instead of 6x and 12x), times tokens/s, over the device's dense peak.
+Fairness. Both sides load fp32 weights from that folder (`parity` records their largest logit difference
+on one row), see identical batches (random ids of the folder's vocabulary less its special tokens, 15% of
+them labelled by mask_tokens, no padding), train in train mode (dropout on) with torch.optim.AdamW, and run
+under the same autocast. HF uses SDPA attention where transformers has it for the architecture, and its
+own eager attention where not (DeBERTa); the rows' extra says which.
+
+Utilisation (mlm/flops.py has the formulas and what they count), from the measured tokens/s over the
+device's dense peak:
+  MFU  model FLOPs: the full-vocabulary head counted for every token, the same number for both sides, so
+       that work one side skips shows as speed, not as less work.
+  HFU  hardware FLOPs, the matmul work each side actually does: our training step runs the head on the
+       masked rows only (their measured share of the tokens), transformers' on every row. Training only:
+       in inference both run the head on every row and HFU equals MFU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import mlm
-from benchmarks.common import (VOCAB_SIZE, Row, alternate, cpu_transient_bytes, persistent_bytes, steps_for,
-                               synchronizer, warmup_for)
-from mlm.hf import load_model
-from mlm.masking import mask_tokens
-from mlm.model import DTYPES
+from benchmarks.common import (VOCAB_SIZE, Row, alternate, batch_for, cpu_transient_bytes, persistent_bytes,
+                               steps_for, synchronizer, warmup_for)
+from mlm.flops import hardware_flops_per_token, model_flops_per_token
+from mlm.hf import config_from_hf, load_model, read_hf_config
+from mlm.masking import IGNORE_INDEX, mask_tokens
+from mlm.model import DTYPES, ModelConfig
+from mlm.tokenizer import Tokenizer
 
-# BertConfig fields per size; everything else is BertConfig's default (BERT's own values).
-SIZES = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
-    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+# Random models by name: (family, transformers config fields); every other field is the config class's default.
+RANDOM_MODELS = {
+    "tiny": ("bert", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)),
+    "small": ("bert", dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)),
+    "base": ("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
+    # deberta-v3-base's shape: positions only through relative attention (none added at the input), 256 log
+    # buckets, both content-to-position and position-to-content terms, the key weights shared with positions.
+    "deberta-v3-base": ("deberta-v2", dict(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=512, type_vocab_size=0, relative_attention=True, position_buckets=256,
+        max_relative_positions=-1, pos_att_type="p2c|c2p", share_att_key=True, position_biased_input=False,
+        norm_rel_ebd="layer_norm", layer_norm_eps=1e-7)),
 }
+SIZES = tuple(RANDOM_MODELS)
+HF_CLASSES = {"bert": ("BertConfig", "BertForMaskedLM"), "deberta-v2": ("DebertaV2Config", "DebertaV2ForMaskedLM")}
 # Dense peak TFLOP/s by a fragment of torch.cuda.get_device_name(), first match wins. "fp32" is the
 # non-tensor-core rate; "tf32" applies when float32 matmuls may use TF32 (set_float32_matmul_precision).
 PEAK_TFLOPS = {
@@ -43,38 +67,100 @@ PEAK_TFLOPS = {
     "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
 }
 SENTENCE = "The quick brown fox jumps over the lazy [MASK], and the dog does not seem to mind at all."
+WEIGHT_FILES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".index.json")
 
 
-# ------------------------------------------------------------------------------------------ models and batches
-def save_random_bert(size: str, folder: Path, seed: int = 0) -> Path:
-    """A seeded random BertForMaskedLM of `size`, saved by transformers: the one folder both sides load."""
-    from transformers import BertConfig, BertForMaskedLM
+@dataclass
+class Checkpoint:
+    """One folder both sides load, and what the comparisons need to know about it."""
 
+    name: str  # the rows' size column: a random shape's name, or the folder's
+    folder: Path  # config.json, weights with an MLM head, tokenizer files
+    config: ModelConfig  # as mlm reads config.json
+    vocab_size: int  # the ids the tokenizer and the model share (a model may have more rows than its tokenizer)
+    token_ids: torch.Tensor  # (n,) what random batches draw from: those ids less the special ones
+    mask_id: int
+    special_ids: list[int]
+    hf_attention: str  # "sdpa", or "eager" where transformers has no SDPA for the architecture
+    notes: dict = field(default_factory=dict)  # copied into every row's extra
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_random_model(name: str, folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A seeded random *ForMaskedLM of a RANDOM_MODELS shape, saved by transformers with the shared tokenizer."""
+    import transformers
+
+    family, fields = RANDOM_MODELS[name]
+    config_class, model_class = (getattr(transformers, c) for c in HF_CLASSES[family])
     torch.manual_seed(seed)
-    BertForMaskedLM(BertConfig(vocab_size=VOCAB_SIZE, **SIZES[size])).save_pretrained(folder)
+    model_class(config_class(**{"vocab_size": VOCAB_SIZE, **fields})).save_pretrained(folder)
+    for path in tokenizer_dir.iterdir():
+        shutil.copy(path, folder / path.name)
     return folder
 
 
-def load_pair(folder: Path, device: torch.device, compile: bool):
-    """(ours, HF) from the same folder, on device, in train mode, optionally torch.compiled."""
-    from transformers import BertForMaskedLM
+def load_hf(folder: Path, attention: str, loading_info: bool = False):
+    """transformers' AutoModelForMaskedLM of folder in fp32 (whatever dtype the folder was saved in)."""
+    from transformers import AutoModelForMaskedLM
 
-    ours = load_model(folder).to(device).train()
-    hf = BertForMaskedLM.from_pretrained(folder, attn_implementation="sdpa").to(device).train()
+    return AutoModelForMaskedLM.from_pretrained(folder, attn_implementation=attention, dtype=torch.float32,
+                                                output_loading_info=loading_info)
+
+
+def open_checkpoint(name: str, folder: Path, scratch: Path, seed: int = 0) -> Checkpoint:
+    """Read folder's config and tokenizer, pick HF's attention, and give it an MLM head if it has none."""
+    tokenizer = Tokenizer.from_pretrained(folder)
+    config = config_from_hf(read_hf_config(folder))
+    torch.manual_seed(seed)  # a head that transformers initialises afresh is then the same every run
+    try:
+        hf, info = load_hf(folder, "sdpa", loading_info=True)
+        attention = "sdpa"
+    except ValueError:  # transformers has no SDPA path for this architecture (DeBERTa): its eager attention
+        hf, info = load_hf(folder, "eager", loading_info=True)
+        attention = "eager"
+    notes = {"hf_attention": attention if attention == "sdpa" else
+             f"eager ({type(hf).__name__} has no SDPA in transformers)"}
+    if info["missing_keys"]:
+        # A bare encoder: save the encoder with transformers' seeded fresh head, for both sides to load.
+        complete = scratch / f"{name}-with-head"
+        hf.save_pretrained(complete)
+        for path in folder.iterdir():
+            if path.is_file() and not (complete / path.name).exists() and not path.name.endswith(WEIGHT_FILES):
+                shutil.copy(path, complete / path.name)
+        notes["head"] = f"none in the folder: transformers' fresh head (seed {seed}), the same on both sides"
+        folder = complete
+    vocab_size = min(tokenizer.vocab_size, config.vocab_size)
+    keep = torch.ones(vocab_size, dtype=torch.bool)
+    keep[[i for i in tokenizer.special_ids if i < vocab_size]] = False
+    return Checkpoint(name, folder, config, vocab_size, keep.nonzero().flatten(), tokenizer.mask_token_id,
+                      tokenizer.special_ids, attention, notes)
+
+
+def load_pair(ckpt: Checkpoint, device: torch.device, compile: bool):
+    """(ours, HF) from the same folder, on device, in train mode, optionally torch.compiled.
+
+    Compiling resets torch.compile first: each configuration (model, seq, dtype) then gets graphs
+    specialised to its own shapes, and no row inherits the previous row's cache, whose recompilation for a
+    new shape would turn that dimension dynamic. Within a configuration compile stays free to mark the
+    number of masked rows (which changes from batch to batch) dynamic after the first change, rather
+    than recompiling for every new count as dynamic=False would, until the recompile limit sends it to eager.
+    """
+    ours = load_model(ckpt.folder).to(device).train()
+    hf = load_hf(ckpt.folder, ckpt.hf_attention).to(device).train()
     if compile:
+        torch._dynamo.reset()
         return torch.compile(ours), torch.compile(hf)
     return ours, hf
 
 
-def random_batches(n: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> list[tuple]:
-    """n batches of (input_ids, labels), (B, T): random ids of the real vocabulary, 15% labelled, no padding."""
+def random_batches(ckpt: Checkpoint, n: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> list:
+    """n batches of (input_ids, labels), (B, T): random ids of the folder's vocabulary, 15% labelled, no padding."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        # Ids from 1000 up avoid bert-base-uncased's specials and [unusedN] rows.
-        ids = torch.randint(1000, VOCAB_SIZE, (batch, seq), generator=g)
-        masked, labels = mask_tokens(ids, mask_token_id=103, vocab_size=VOCAB_SIZE, special_ids=[0, 100, 101, 102],
-                                     generator=g)
+        ids = ckpt.token_ids[torch.randint(len(ckpt.token_ids), (batch, seq), generator=g)]  # (B, T)
+        masked, labels = mask_tokens(ids, mask_token_id=ckpt.mask_id, vocab_size=ckpt.vocab_size,
+                                     special_ids=ckpt.special_ids, generator=g)
         out.append((masked.to(device), labels.to(device)))
     return out
 
@@ -85,27 +171,12 @@ def autocast_for(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
-def parity(folder: Path, device: torch.device) -> float:
+def parity(ckpt: Checkpoint, device: torch.device) -> float:
     """Largest logit difference between the two models in eval mode on one fp32 row: proof of same weights."""
-    ours, hf = load_pair(folder, device, compile=False)
-    ids = random_batches(1, 1, 32, device, seed=1)[0][0]
+    ours, hf = load_pair(ckpt, device, compile=False)
+    ids = random_batches(ckpt, 1, 1, min(32, ckpt.config.max_tokens), device, seed=1)[0][0]
     with torch.no_grad():
         return (ours.eval()(ids) - hf.eval()(input_ids=ids).logits).abs().max().item()
-
-
-# ------------------------------------------------------------------------------------------ FLOPs
-def matmul_params(size: str) -> int:
-    """Parameters that take part in matmuls, the full-vocabulary head included."""
-    s = SIZES[size]
-    C, I, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
-    return L * (4 * C * C + 2 * C * I) + C * C + C * VOCAB_SIZE
-
-
-def flops_per_token(size: str, seq: int, training: bool) -> float:
-    """Model FLOPs per token (see the module docstring); a backward pass costs twice a forward."""
-    s = SIZES[size]
-    passes = 3 if training else 1
-    return passes * (2 * matmul_params(size) + 4 * s["num_hidden_layers"] * s["hidden_size"] * seq)
 
 
 def peak_flops(device: torch.device, dtype: str, override: float | None) -> float | None:
@@ -125,16 +196,34 @@ def peak_flops(device: torch.device, dtype: str, override: float | None) -> floa
 
 
 # ------------------------------------------------------------------------------------------ the comparisons
-def bench_train(args, device, folder: Path, size: str, seq: int, dtype: str, batch: int) -> list[Row]:
-    ours, hf = load_pair(folder, device, args.compile)
+def bench_checkpoint(args, device: torch.device, ckpt: Checkpoint) -> list[Row]:
+    """Every section of args.only that needs a model, at every --seq and --dtypes, on one checkpoint."""
+    rows = []
+    for section, seq, dtype in itertools.product(("train", "infer"), args.seq, args.dtypes):
+        if section in args.only:
+            batch = batch_for(args, seq)
+            print(f"{section} {ckpt.name} seq {seq} {dtype} batch {batch} ...", flush=True)
+            rows += (bench_train if section == "train" else bench_infer)(args, device, ckpt, seq, dtype, batch)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "fillmask" in args.only:
+        print(f"fillmask {ckpt.name} ...", flush=True)
+        rows += bench_fillmask(args, device, ckpt)
+    for row in rows:
+        row.extra.update(ckpt.notes)
+    return rows
+
+
+def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int) -> list[Row]:
+    ours, hf = load_pair(ckpt, device, args.compile)
     # Fused AdamW for both, as train.py and HF's Trainer (adamw_torch_fused, torch >= 2.8) use;
     # --foreach-adamw for torch's foreach one, whose per-step temporaries page-fault on the CPU.
     fused = {} if args.foreach_adamw else dict(fused=True)
     optimizers = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused),
                   "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4, **fused)}
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-    warmup, reps = warmup_for(args, size), steps_for(args, size)
-    batches = random_batches(warmup + reps, batch, seq, device)
+    warmup, reps = warmup_for(args), steps_for(args, ckpt.config)
+    batches = random_batches(ckpt, warmup + reps, batch, seq, device)
     sync = synchronizer(device)
     phase_sync = sync if args.breakdown else (lambda: None)
     cuda = device.type == "cuda"
@@ -168,15 +257,22 @@ def bench_train(args, device, folder: Path, size: str, seq: int, dtype: str, bat
     times = alternate({"ours": step(ours, optimizers["ours"], False), "hf": step(hf, optimizers["hf"], True)},
                       reps, warmup, sync)
     tokens = batch * seq
-    key = dict(section="train", size=size, seq=seq, dtype=dtype, device=device.type, batch=batch)
+    key = dict(section="train", size=ckpt.name, seq=seq, dtype=dtype, device=device.type, batch=batch)
     speed = {name: tokens / times.median(name) for name in ("ours", "hf")}
     rows = [Row(metric="throughput", unit="tokens/s", ours=speed["ours"], hf=speed["hf"], higher_is_better=True,
                 extra={"step_seconds": {n: [s for s, _ in t] for n, t in times.samples.items()}}, **key)]
     peak = peak_flops(device, dtype, args.peak_tflops)
     if peak:
-        mfu = {name: flops_per_token(size, seq, training=True) * s / peak for name, s in speed.items()}
-        rows.append(Row(metric="MFU", unit="%", ours=mfu["ours"], hf=mfu["hf"], higher_is_better=True,
-                        extra={"peak_tflops": peak / 1e12}, **key))
+        model_flops = model_flops_per_token(ckpt.config, seq, training=True)
+        rows.append(Row(metric="MFU", unit="%", ours=model_flops * speed["ours"] / peak,
+                        hf=model_flops * speed["hf"] / peak, higher_is_better=True,
+                        extra={"peak_tflops": peak / 1e12, "flops_per_token": model_flops}, **key))
+        # The share of rows our head ran on: the labelled tokens of the timed batches.
+        labelled = sum((labels != IGNORE_INDEX).sum().item() for _, labels in batches[warmup:]) / (reps * tokens)
+        fraction = {"ours": labelled, "hf": 1.0}
+        hfu = {n: hardware_flops_per_token(ckpt.config, seq, True, fraction[n]) * speed[n] / peak for n in speed}
+        rows.append(Row(metric="HFU", unit="%", ours=hfu["ours"], hf=hfu["hf"], higher_is_better=True,
+                        extra={"peak_tflops": peak / 1e12, "head_rows_fraction": fraction}, **key))
     if cuda:
         transient = {name: max(e["transient"] for _, e in times.samples[name]) for name in ("ours", "hf")}
     else:  # one more step per side, untimed, watched through the process's peak resident memory
@@ -196,48 +292,48 @@ def bench_train(args, device, folder: Path, size: str, seq: int, dtype: str, bat
     return times.stamp(rows)
 
 
-def bench_infer(args, device, folder: Path, size: str, seq: int, dtype: str, batch: int) -> list[Row]:
-    ours, hf = load_pair(folder, device, args.compile)
+def bench_infer(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int) -> list[Row]:
+    ours, hf = load_pair(ckpt, device, args.compile)
     ours.eval()
     hf.eval()
-    warmup, reps = warmup_for(args, size), steps_for(args, size)
-    batches = random_batches(warmup + reps, batch, seq, device)
+    warmup, reps = warmup_for(args), steps_for(args, ckpt.config)
+    batches = random_batches(ckpt, warmup + reps, batch, seq, device)
 
     def forward(model, is_hf: bool):
         def run(i: int) -> None:
             with torch.no_grad(), autocast_for(device, dtype):
                 out = model(input_ids=batches[i][0])
                 logits = out.logits if is_hf else out  # (B, T, V) on both sides
-            assert logits.shape == (batch, seq, VOCAB_SIZE)
+            assert logits.shape == (batch, seq, ckpt.config.vocab_size)
         return run
 
     times = alternate({"ours": forward(ours, False), "hf": forward(hf, True)}, reps, warmup, synchronizer(device))
     speed = {name: batch * seq / times.median(name) for name in ("ours", "hf")}
-    key = dict(section="infer", size=size, seq=seq, dtype=dtype, device=device.type, batch=batch)
+    key = dict(section="infer", size=ckpt.name, seq=seq, dtype=dtype, device=device.type, batch=batch)
     rows = [Row(metric="throughput", unit="tokens/s", ours=speed["ours"], hf=speed["hf"], higher_is_better=True,
                 **key)]
     peak = peak_flops(device, dtype, args.peak_tflops)
     if peak:
-        mfu = {name: flops_per_token(size, seq, training=False) * s / peak for name, s in speed.items()}
-        rows.append(Row(metric="MFU", unit="%", ours=mfu["ours"], hf=mfu["hf"], higher_is_better=True, **key))
+        flops = model_flops_per_token(ckpt.config, seq, training=False)
+        rows.append(Row(metric="MFU", unit="%", ours=flops * speed["ours"] / peak, hf=flops * speed["hf"] / peak,
+                        higher_is_better=True, extra={"peak_tflops": peak / 1e12, "flops_per_token": flops}, **key))
     return times.stamp(rows)
 
 
-def bench_fillmask(args, device, folder: Path, size: str) -> list[Row]:
-    """One sentence through mlm.fill_mask and through transformers.pipeline("fill-mask"): latency.
+def bench_fillmask(args, device, ckpt: Checkpoint) -> list[Row]:
+    """One sentence, with the folder's own mask token, through mlm.fill_mask and through
+    transformers.pipeline("fill-mask") on the folder's own tokenizer: latency."""
+    from transformers import AutoTokenizer, pipeline
 
-    folder must hold a real tokenizer beside the model (common.tokenizer_files), the same for both.
-    """
-    from transformers import pipeline
-
-    model, tokenizer = mlm.load_pretrained(folder, device=device)
-    fill = pipeline("fill-mask", model=str(folder), device=device)
+    model, tokenizer = mlm.load_pretrained(ckpt.folder, device=device)
+    hf = load_hf(ckpt.folder, ckpt.hf_attention).to(device).eval()
+    fill = pipeline("fill-mask", model=hf, tokenizer=AutoTokenizer.from_pretrained(ckpt.folder), device=device)
     text = SENTENCE.replace("[MASK]", tokenizer.mask_token)
     ours_answer, hf_answer = mlm.fill_mask(model, tokenizer, text), fill(text)
     same = [a["token"] for a in ours_answer] == [b["token"] for b in hf_answer]
     times = alternate({"ours": lambda i: mlm.fill_mask(model, tokenizer, text), "hf": lambda i: fill(text)},
                       args.calls, args.calls_warmup, synchronizer(device))
-    row = Row(section="fillmask", size=size, seq=len(tokenizer.encode(text)), dtype="fp32", metric="latency",
+    row = Row(section="fillmask", size=ckpt.name, seq=len(tokenizer.encode(text)), dtype="fp32", metric="latency",
               unit="ms", ours=1e3 * times.median("ours"), hf=1e3 * times.median("hf"), higher_is_better=False,
               device=device.type, batch=1, extra={"same_top_tokens": same})
     return times.stamp([row])

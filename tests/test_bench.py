@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench.py imports the benchmarks/ package beside it, as `python bench.py` finds it
     sys.path.insert(0, str(ROOT))
@@ -30,7 +32,8 @@ def test_every_section_writes_positive_results(tmp_path):
     command = [
         sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--sizes", "tiny", "--seq", "32", "--batch", "2",
         "--dtypes", "fp32,bf16", "--steps", "1", "--warmup", "0", "--breakdown", "--calls", "1", "--calls-warmup", "0",
-        "--collator-blocks", "4", "--collator-reps", "1", "--collator-burst", "2", "--tokenize-reps", "1", "--corpus-docs", "40",
+        "--collator-blocks", "4", "--collator-reps", "1", "--collator-burst", "2", "--tokenize-reps", "1",
+        "--corpus-docs", "40",
         "--json", str(out),
     ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -100,21 +103,87 @@ def test_every_target_names_a_section_size_and_dtype_that_exist():
 def test_repetition_defaults_are_the_ones_help_promises():
     bench = load_bench()
     from benchmarks.common import batch_for, steps_for, warmup_for
+    from mlm.model import ModelConfig
 
+    tiny = ModelConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
+    small = ModelConfig(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048)
+    base = ModelConfig()
     cpu = bench.parse_args(["--device", "cpu"])
     assert (batch_for(cpu, 128), batch_for(cpu, 512)) == (8, 2)  # 1024 tokens' worth
-    assert (steps_for(cpu, "tiny"), steps_for(cpu, "small"), steps_for(cpu, "base")) == (10, 5, 5)
-    assert warmup_for(cpu, "base") == 1
-    assert warmup_for(bench.parse_args(["--device", "cpu", "--compile"]), "base") == 1 + 3  # compiling takes more
+    assert (steps_for(cpu, tiny), steps_for(cpu, small), steps_for(cpu, base)) == (10, 5, 5)  # under 10M params: 10
+    assert warmup_for(cpu) == 1
+    assert warmup_for(bench.parse_args(["--device", "cpu", "--compile"])) == 1 + 3  # compiling takes more
     given = bench.parse_args(["--device", "cpu", "--batch", "3", "--steps", "7", "--warmup", "0"])
-    assert (batch_for(given, 128), steps_for(given, "tiny"), warmup_for(given, "tiny")) == (3, 7, 0)
+    assert (batch_for(given, 128), steps_for(given, tiny), warmup_for(given)) == (3, 7, 0)
+    assert cpu.sizes == ["tiny", "base"] and cpu.only == list(bench.SECTIONS)
+    # A model folder replaces the random sizes, and the sections default to those that load a model.
+    folder = bench.parse_args(["--device", "cpu", "--model", "some/folder"])
+    assert folder.sizes == [] and folder.only == ["train", "infer", "fillmask"]
 
 
-def test_flops_formula():
-    from benchmarks.vs_hf import flops_per_token, matmul_params
+def test_model_folders_bench_end_to_end(hf_checkpoints, tmp_path):
+    """`bench.py --model DIR` on each family's tiny folder: every row measured on both sides, same weights,
+    same fill-mask answers on the folder's own tokenizer, MFU and HFU from a given peak."""
+    out = tmp_path / "models.json"
+    command = [sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--seq", "32", "--batch", "2",
+               "--dtypes", "fp32", "--steps", "1", "--warmup", "0", "--calls", "1", "--calls-warmup", "0",
+               "--peak-tflops", "1", "--json", str(out)]
+    for folder in hf_checkpoints.values():
+        command += ["--model", str(folder)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
-    # bert-base: 12 layers x (4*768^2 + 2*768*3072) + 768^2 + 768*30522 matmul parameters.
-    assert matmul_params("base") == 12 * (4 * 768**2 + 2 * 768 * 3072) + 768**2 + 768 * 30522
-    per_token = 6 * matmul_params("base") + 12 * 12 * 768 * 128
-    assert flops_per_token("base", 128, training=True) == per_token
-    assert flops_per_token("base", 128, training=False) == per_token / 3
+    report = json.loads(out.read_text())
+    names = [Path(folder).name for folder in hf_checkpoints.values()]
+    assert sorted(report["environment"]["models"]) == sorted(names)
+    metrics = ("throughput", "MFU", "HFU") + (("peak memory",) if sys.platform == "linux" else ())
+    for name in names:
+        assert report["parity_max_abs_logit_diff"][name] < 1e-4, name
+        rows = {(r["section"], r["metric"]): r for r in report["results"] if r["size"] == name}
+        expected = {("train", m) for m in metrics}
+        expected |= {("infer", "throughput"), ("infer", "MFU"), ("fillmask", "latency")}
+        assert expected <= set(rows), (name, expected - set(rows))
+        for r in rows.values():
+            for key in ("ours", "hf", "gain"):
+                assert math.isfinite(r[key]) and r[key] > 0, (name, r["metric"], key, r[key])
+            assert r["extra"]["hf_attention"], name
+        assert rows[("fillmask", "latency")]["extra"]["same_top_tokens"] is True, name
+        mfu, hfu = rows[("train", "MFU")], rows[("train", "HFU")]
+        # Our head ran on the masked rows only, HF's on all: HFU counts less work for us than for HF.
+        fraction = hfu["extra"]["head_rows_fraction"]
+        assert 0 < fraction["ours"] < 0.5 and fraction["hf"] == 1.0
+        assert hfu["ours"] / hfu["hf"] < mfu["ours"] / mfu["hf"]
+        if report["environment"]["models"][name]["family"] != "deberta-v2":  # whose position terms count apart
+            assert math.isclose(hfu["hf"], mfu["hf"])
+
+
+def test_seq_beyond_the_models_limit_is_a_one_line_error(hf_checkpoints, tmp_path):
+    command = [sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--seq", "32,1000",
+               "--model", str(hf_checkpoints["bert"])]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--seq 1000" in done.stderr and "limit of 64" in done.stderr
+
+
+def test_deberta_shape_is_offered_only_when_mlm_loads_deberta():
+    bench = load_bench()
+    from mlm.model import FAMILIES
+
+    if "deberta-v2" in FAMILIES:
+        assert bench.parse_args(["--device", "cpu", "--sizes", "deberta-v3-base"]).sizes == ["deberta-v3-base"]
+    else:
+        with pytest.raises(SystemExit) as exit:
+            bench.parse_args(["--device", "cpu", "--sizes", "deberta-v3-base"])
+        assert exit.value.code == 2
+
+
+def test_synchronizer_waits_for_the_benched_gpu_not_the_current_one(monkeypatch):
+    import torch
+
+    from benchmarks.common import synchronizer
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronizer(torch.device("cuda", 1))()
+    synchronizer(torch.device("cpu"))()
+    assert waited == [torch.device("cuda", 1)]

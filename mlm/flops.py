@@ -1,0 +1,67 @@
+"""FLOPs per token of a masked-LM step, for utilisation: model FLOPs (MFU) and hardware FLOPs (HFU).
+
+What is counted: matmuls only, 2 FLOPs per multiply-add; a backward pass costs twice its forward (the
+gradients of the inputs and of the weights), so a training step is 3x an inference forward. Per token of
+a sequence of T tokens, forward, with L layers of width C, MLP width I, vocabulary V, word embeddings of
+width E (= C but in DeBERTa variants that embed narrower and project up):
+
+    linear layers   2 x L x (4 C^2 + 2 C I)    Q, K, V and the output projection; the MLP's two matmuls
+    attention       2 x L x 2 C T              the scores Q K^T, and their weighted sum of V
+    DeBERTa         2 x L x C T per term       each position term (c2p, p2c) scores every query-key pair
+                                               once more, as Q K^T does
+    embeddings      2 x E C                    the projection up to C, only when E != C
+    head            2 x (C E + E V)            the transform (dense) and the decoder (tied to the embeddings)
+
+Left out: embedding lookups, LayerNorms, activations, softmax, dropout, the optimizer (a few percent at
+BERT sizes); and DeBERTa's projection of its table of 2k relative positions through W_q and W_k, done once
+per layer and step whatever the batch, so no per-token count can hold it (deberta-v3-base, 2k = 512: about
+8% on top of the linear layers at 8 x 128 tokens a step, about 1% at 64 x 128).
+
+Model FLOPs are what the model needs, the same number for any implementation: the full-vocabulary head
+counted for every token, as MFU is usually reported, so that work an implementation skips shows as speed.
+
+Hardware FLOPs are the matmul work done, in two places different from the model count:
+  - the head counts only on the rows it runs on: mlm's training step runs it on the masked rows (about
+    15% of the tokens), transformers' on every row; in inference both run it everywhere;
+  - DeBERTa's position terms score each query (or key) against every one of the 2k table rows and then
+    gather the T it needs, as mlm and transformers both compute them: 2 x L x C x 2k per term, not C T.
+"""
+
+from __future__ import annotations
+
+from mlm.model import ModelConfig
+
+
+def linear_flops(config: ModelConfig) -> int:
+    """Forward FLOPs per token of the linear layers: the blocks', and the embeddings' projection if any."""
+    C, I, E = config.hidden_size, config.intermediate_size, config.embedding_size or config.hidden_size
+    return config.num_layers * 2 * (4 * C * C + 2 * C * I) + (2 * E * C if E != C else 0)
+
+
+def attention_flops(config: ModelConfig, seq: int, scored_rows: int | None = None) -> int:
+    """Forward FLOPs per token of the attention products: content scores and weighted sum over seq keys, and
+    each DeBERTa position term against scored_rows positions (default seq: one per query-key pair)."""
+    C, terms = config.hidden_size, len(config.position_terms)
+    scored_rows = seq if scored_rows is None else scored_rows
+    return config.num_layers * 2 * C * (2 * seq + terms * scored_rows)
+
+
+def head_flops(config: ModelConfig) -> int:
+    """Forward FLOPs of the MLM head for one row: the transform and the full-vocabulary decoder."""
+    C, E = config.hidden_size, config.embedding_size or config.hidden_size
+    return 2 * (C * E + E * config.vocab_size)
+
+
+def model_flops_per_token(config: ModelConfig, seq: int, training: bool) -> int:
+    """Model FLOPs per token (see the module docstring): the head counted for every token."""
+    passes = 3 if training else 1
+    return passes * (linear_flops(config) + attention_flops(config, seq) + head_flops(config))
+
+
+def hardware_flops_per_token(config: ModelConfig, seq: int, training: bool, head_rows_fraction: float) -> float:
+    """Hardware FLOPs per token: the head on head_rows_fraction of the tokens (the rows it runs on), and
+    DeBERTa's position terms against the whole table of 2k relative positions."""
+    passes = 3 if training else 1
+    table = 2 * config.relative_span if config.position_terms else None
+    return passes * (linear_flops(config) + attention_flops(config, seq, table)
+                     + head_rows_fraction * head_flops(config))
