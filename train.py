@@ -49,6 +49,7 @@ from mlm.distributed import (
 )
 from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, run_cli
 from mlm.evaluate import score_blocks, summarize
+from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
 from mlm.model import DTYPES, MaskedLM, ModelConfig
@@ -514,6 +515,15 @@ class Meter:
 
     def __init__(self, run: Run):
         self.run, self.clock, self.tokens = run, time.perf_counter(), 0
+        cfg, config = run.cfg, run.model.config
+        # Utilisation on a GPU whose peak is known: model FLOPs (the full-vocabulary head on every token, as MFU
+        # is usually quoted) and hardware FLOPs (the head only on the rows it runs on), see mlm/flops.py.
+        self.peak = peak_flops(run.job.device, cfg.dtype)
+        static = cfg.static_masking or cfg.compile  # then the head runs on a fixed max_predictions rows per block
+        head_rows = max(1, round(cfg.mlm_probability * cfg.block_size)) / cfg.block_size if static \
+            else cfg.mlm_probability
+        self.flops = (model_flops_per_token(config, cfg.block_size, training=True),
+                      hardware_flops_per_token(config, cfg.block_size, training=True, head_rows_fraction=head_rows))
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=run.job.device)  # non-finite steps in a row
         self.skipped = torch.zeros((), dtype=torch.int64, device=run.job.device)  # since the last report
 
@@ -536,6 +546,10 @@ class Meter:
             next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
             record = {"step": done, "loss": loss.item(), "lr": next_lr, "grad_norm": grad_norm.item(),
                       "epoch": round(self.run.plan.epoch(done), 4), "tokens_per_s": tokens_per_s}
+            if self.peak:
+                world = self.run.job.world  # tokens_per_s counts every rank's tokens; the peak is one GPU's
+                record.update(mfu=tokens_per_s * self.flops[0] / (world * self.peak),
+                              hfu=tokens_per_s * self.flops[1] / (world * self.peak))
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{next_lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             refresh=False)
             self.run.folder.log(record)

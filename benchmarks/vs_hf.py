@@ -36,7 +36,7 @@ import torch
 import mlm
 from benchmarks.common import (VOCAB_SIZE, Row, alternate, batch_for, cpu_transient_bytes, persistent_bytes,
                                steps_for, synchronizer, warmup_for)
-from mlm.flops import hardware_flops_per_token, model_flops_per_token
+from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops
 from mlm.hf import config_from_hf, load_model, read_hf_config
 from mlm.masking import IGNORE_INDEX, mask_tokens
 from mlm.model import DTYPES, ModelConfig
@@ -59,13 +59,6 @@ SIZES = tuple(RANDOM_MODELS)
 HF_CLASSES = {"bert": ("BertConfig", "BertForMaskedLM"), "deberta-v2": ("DebertaV2Config", "DebertaV2ForMaskedLM")}
 # Dense peak TFLOP/s by a fragment of torch.cuda.get_device_name(), first match wins. "fp32" is the
 # non-tensor-core rate; "tf32" applies when float32 matmuls may use TF32 (set_float32_matmul_precision).
-PEAK_TFLOPS = {
-    "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
-    "H100 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
-    "H100": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},  # SXM
-    "H200": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},  # the H100 SXM's compute, more memory
-    "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
-}
 SENTENCE = "The quick brown fox jumps over the lazy [MASK], and the dog does not seem to mind at all."
 WEIGHT_FILES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".index.json")
 
@@ -177,22 +170,6 @@ def parity(ckpt: Checkpoint, device: torch.device) -> float:
     ids = random_batches(ckpt, 1, 1, min(32, ckpt.config.max_tokens), device, seed=1)[0][0]
     with torch.no_grad():
         return (ours.eval()(ids) - hf.eval()(input_ids=ids).logits).abs().max().item()
-
-
-def peak_flops(device: torch.device, dtype: str, override: float | None) -> float | None:
-    """The device's dense peak in FLOP/s for this dtype, or None when unknown (then no MFU is reported)."""
-    if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    key = dtype
-    if dtype == "fp32" and torch.get_float32_matmul_precision() != "highest":
-        key = "tf32"
-    for fragment, peaks in PEAK_TFLOPS.items():
-        if fragment in name:
-            return peaks[key] * 1e12
-    return None
 
 
 # ------------------------------------------------------------------------------------------ the comparisons

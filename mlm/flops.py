@@ -29,7 +29,19 @@ Hardware FLOPs are the matmul work done, in two places different from the model 
 
 from __future__ import annotations
 
+import torch
+
 from mlm.model import ModelConfig
+
+# Dense peak TFLOP/s by a fragment of torch.cuda.get_device_name(), first match wins. "fp32" is the
+# non-tensor-core rate; "tf32" applies when float32 matmuls may use TF32 (--tf32, set_float32_matmul_precision).
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
+    "H100 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
+    "H100": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},  # SXM
+    "H200": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},  # the H100 SXM's compute, more memory
+    "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
+}
 
 
 def linear_flops(config: ModelConfig) -> int:
@@ -65,3 +77,19 @@ def hardware_flops_per_token(config: ModelConfig, seq: int, training: bool, head
     table = 2 * config.relative_span if config.position_terms else None
     return passes * (linear_flops(config) + attention_flops(config, seq, table)
                      + head_rows_fraction * head_flops(config))
+
+
+def peak_flops(device: torch.device, dtype: str, override: float | None = None) -> float | None:
+    """The device's dense peak in FLOP/s for this dtype, or None when unknown (then no MFU is reported)."""
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    key = dtype
+    if dtype == "fp32" and torch.get_float32_matmul_precision() != "highest":
+        key = "tf32"
+    for fragment, peaks in PEAK_TFLOPS.items():
+        if fragment in name:
+            return peaks[key] * 1e12
+    return None
