@@ -2,6 +2,7 @@
 
     python prepare.py --tokenizer MODEL_DIR --out data/stdlib                  # the built-in corpus
     python prepare.py --data corpus/ --train-tokenizer wordpiece --vocab-size 8192 --out data/mine
+    python prepare.py --train-tokenizer unigram --vocab-size 8000 --out data/stdlib-unigram   # DeBERTa-style
     python prepare.py --data eli5.jsonl --text-field answers.text --tokenizer MODEL_DIR --out data/eli5
     python prepare.py --preview data/stdlib --block-size 128 -n 3
 
@@ -25,9 +26,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", metavar="DIR", help="dataset folder to write")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="DIR", help="use the tokenizer of this model folder")
-    tok.add_argument("--train-tokenizer", choices=("wordpiece", "bpe"), help="train a tokenizer on the corpus")
-    p.add_argument("--vocab-size", type=int, help="for --train-tokenizer (default 30522 wordpiece, 50265 bpe)")
-    p.add_argument("--cased", action="store_true", help="for --train-tokenizer wordpiece: keep case")
+    tok.add_argument("--train-tokenizer", choices=("wordpiece", "bpe", "unigram"),
+                     help="train a tokenizer on the corpus: BERT's WordPiece, RoBERTa's byte-level BPE or "
+                          "DeBERTa-v3's SentencePiece-style unigram")
+    p.add_argument("--vocab-size", type=int,
+                   help="for --train-tokenizer (default 30522 wordpiece, 50265 bpe, 128000 unigram)")
+    p.add_argument("--cased", action="store_true",
+                   help="for --train-tokenizer wordpiece: keep case (bpe and unigram always keep it, as RoBERTa "
+                        "and DeBERTa-v3 do)")
     p.add_argument("--text-field", default="text", help="JSON/parquet field with the text; dotted paths reach in")
     p.add_argument("--doc-split", default="blank", choices=("blank", "file", "line"),
                    help="text files: documents end at blank lines, at the end of the file, or at each line")
@@ -51,11 +57,12 @@ def prepare_main(args: argparse.Namespace) -> None:
     if not args.out:
         raise ConfigError("pass --out DIR for the dataset folder (or --preview DIR to look at one)")
     if not args.tokenizer and not args.train_tokenizer:
-        raise ConfigError("pass --tokenizer MODEL_DIR, or --train-tokenizer wordpiece|bpe to learn one from the corpus")
+        raise ConfigError(
+            "pass --tokenizer MODEL_DIR, or --train-tokenizer wordpiece|bpe|unigram to learn one from the corpus")
     if (args.vocab_size or args.cased) and not args.train_tokenizer:
         raise ConfigError("--vocab-size and --cased only apply with --train-tokenizer")
-    if args.cased and args.train_tokenizer == "bpe":
-        raise ConfigError("--cased applies to wordpiece; byte-level BPE always keeps case")
+    if args.cased and args.train_tokenizer != "wordpiece":
+        raise ConfigError(f"--cased applies to wordpiece; {args.train_tokenizer} always keeps case")
 
     corpus = (
         Corpus(args.data, text_field=args.text_field, doc_split=args.doc_split) if args.data else default_corpus()
@@ -66,7 +73,8 @@ def prepare_main(args: argparse.Namespace) -> None:
     else:
         if not args.quiet:
             print(f"training a {args.train_tokenizer} tokenizer on {corpus.description} ...", file=sys.stderr)
-        tokenizer = train_tokenizer(corpus, args.train_tokenizer, args.vocab_size, lowercase=not args.cased)
+        lowercase = False if args.cased else None  # None: the family's own choice (WordPiece lower-cases)
+        tokenizer = train_tokenizer(corpus, args.train_tokenizer, args.vocab_size, lowercase=lowercase)
     meta = prepare(
         corpus, args.out, tokenizer, val_fraction=args.val_fraction, seed=args.seed,
         batch_docs=args.batch_docs, progress=not args.quiet,
