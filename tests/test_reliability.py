@@ -331,3 +331,20 @@ def test_storage_errors_name_the_cause(tmp_path):
     finally:
         os.fsync = real_fsync
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------- the same command
+@pytest.mark.slow
+def test_two_fresh_runs_that_train_their_tokenizer_end_with_the_same_bits(tmp_path):
+    """No --tokenizer: each run trains its WordPiece vocabulary on the corpus, in its own process."""
+    from conftest import stdlib_docstrings
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(stdlib_docstrings()))
+    args = ["--data", corpus, *TINY, "--vocab-size", "700", "--max-steps", "5", "--global-batch-size", "4"]
+    for name in ("a", "b"):
+        done = run(*args, "--out", tmp_path / name)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (tmp_path / name for name in ("a", "b"))
+    assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
+    assert_same_weights(final_weights(a), final_weights(b), atol=0)
