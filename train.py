@@ -542,7 +542,9 @@ class Meter:
             raise MLMError(f"loss was NaN/inf for {bad} steps in a row (step {done - 1}); lower --lr, "
                            "use --dtype bf16 or fp32, or check the data")
         if master:
-            tokens_per_s = self.tokens / max(time.perf_counter() - self.clock, 1e-9)
+            # Over the steps since the last report, so that compilation and evaluations before it do not count.
+            now = time.perf_counter()
+            tokens_per_s, self.tokens, self.clock = self.tokens / max(now - self.clock, 1e-9), 0, now
             next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
             record = {"step": done, "loss": loss.item(), "lr": next_lr, "grad_norm": grad_norm.item(),
                       "epoch": round(self.run.plan.epoch(done), 4), "tokens_per_s": tokens_per_s}

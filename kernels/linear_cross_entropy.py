@@ -24,6 +24,15 @@ BLOCK_V tiles keeping a running max and a running sum of exponentials (the onlin
 logsumexp and the loss in fp32; a second walk overwrites the logits in place with p - onehot. Then the
 three matmuls above read that buffer.
 
+The logits buffer is V_pad wide, V rounded up to a multiple of 64 (BERT's 30522 -> 30528). Triton
+vectorises a load (16 bytes at a time) only where it can prove the row start aligned and the mask the same
+over the vector, and it knows that of an integer argument only when it is divisible by 16: 30522 as the row
+stride and the bound proves neither, so every load and store goes one element at a time. cuBLAS, too, keeps
+its fastest kernels for leading dimensions of whole 16 bytes. The padding comes from the copy of the weight
+in the logits dtype (under autocast, instead of the cast autocast makes anyway): V_pad - V rows of zeros and
+-inf in the bias there, so the padding logits are -inf, add exp(-inf) = 0 to the softmax and come out of it
+as zero gradients. Only the kernel and the matmuls see the padding; the weight and the gradients stay (V, D).
+
 One departure from the textbook dz: the 1/n and grad_output are left out of the kernel and applied in
 fp32 in backward. In fp16, p/n is often below the smallest subnormal (a 3e-5 probability over 4k rows),
 and a GradScaler's factor, which exists to lift such values, only arrives as grad_output. So the kernel
@@ -31,20 +40,22 @@ writes p - onehot (well scaled in any dtype), grad_W and grad_b accumulate in fp
 to the input dtype after scaling.
 
 For torch.compile the fused path is a custom operator, `mlm::linear_cross_entropy`, so the compiler sees
-it as one opaque node rather than tracing into it (Dynamo cannot read triton's knobs, and would unroll
-the chunk loop for every N): no graph break, and nothing to recompile when the values change. Its fake
-implementation tells the compiler the shapes and dtypes of the outputs without running anything; its
-backward, the scaling above, is plain PyTorch and compiles with the rest of the backward graph. The op
-returns (loss, 1/n, grad_hidden, grad_weight, grad_bias). A custom op cannot return None, so which
-gradients to compute is an argument, and one that is not needed (none under torch.no_grad()) comes back
-as an empty tensor.
+it as one opaque node rather than tracing into it (Dynamo would unroll the chunk loop for every N): no
+graph break, and nothing to recompile when the values change. Its fake implementation tells the compiler
+the shapes and dtypes of the outputs without running anything; its backward, the scaling above, is plain
+PyTorch and compiles with the rest of the backward graph. The op returns (loss, 1/n, grad_hidden,
+grad_weight, grad_bias). A custom op cannot return None, so which gradients to compute is an argument, and
+one that is not needed (none under torch.no_grad()) comes back as an empty tensor.
 
-Shapes: N rows (masked positions), D hidden size, V vocabulary, C rows per chunk.
+Shapes: N rows (masked positions), D hidden size, V vocabulary, V_pad = V rounded up to a multiple of 64,
+C rows per chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -61,6 +72,8 @@ except ImportError:  # the reference still works; linear_cross_entropy falls bac
 # Most bytes one chunk of logits may take; sets C = rows per chunk. 256 MiB is ~4k rows of a
 # 30k vocabulary in bf16: large enough that the matmuls run at full speed, small next to activations.
 MAX_CHUNK_BYTES = 256 * 2**20
+# The logits buffer's width is a multiple of this (see the module docstring): rows start 128 bytes apart in bf16.
+PAD_V_TO = 64
 
 
 def linear_cross_entropy_ref(
@@ -83,11 +96,11 @@ def linear_cross_entropy_ref(
 
 
 def _softmax_minus_onehot_kernel(
-    logits_ptr,  # (C, V) in the input dtype; overwritten with dloss/dlogits (unscaled)
+    logits_ptr,  # (C, V_pad) in the logits dtype; overwritten with dloss/dlogits (unscaled)
     targets_ptr,  # (C,)
     loss_ptr,  # (C,) fp32 out: logsumexp - target logit, 0 for ignored rows
-    V,
-    stride_row,
+    n_cols,  # V_pad: the padding columns hold -inf, which the softmax gives probability 0
+    stride_row,  # V_pad too: a multiple of 16, which Triton sees, so each row starts aligned
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
@@ -99,9 +112,9 @@ def _softmax_minus_onehot_kernel(
     # Pass 1, the online softmax: a running max m and sum of exp(z - m), rescaled whenever m grows.
     m = float("-inf")
     s = 0.0
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
@@ -110,32 +123,69 @@ def _softmax_minus_onehot_kernel(
     tl.store(loss_ptr + row, tl.where(keep, lse - z_target, 0.0))
 
     # Pass 2: overwrite the row with p - onehot(target); an ignored row contributes no gradient.
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         grad = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
         grad = tl.where(keep, grad, 0.0)
-        tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 @functools.cache
 def _jitted_kernel():
     # Jitted on first use rather than with a decorator, so that this module imports, and the
-    # reference runs, where triton is not installed.
+    # reference runs, where triton is not installed. For the same reason annotations are strings here
+    # (`from __future__ import annotations`), and Triton's interpreter before 3.4 takes BLOCK_V for a
+    # constexpr only when its annotation is the object itself.
+    _softmax_minus_onehot_kernel.__annotations__["BLOCK_V"] = tl.constexpr
     return triton.jit(_softmax_minus_onehot_kernel)
 
 
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter. The variable, as triton itself reads it at jit time:
+    triton.knobs, which would say the same, only exists from Triton 3.4."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on_device_of(t: torch.Tensor):
+    """Make t's GPU the current one for a Triton launch, which goes to the current GPU and its stream
+    whatever device its arguments are on: without this, `--device cuda:1` would run the kernel on GPU 0
+    with GPU 1's pointers. Nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _softmax_minus_onehot_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Launch one program per row: overwrite logits (C, V) with p - onehot, return the loss (C,)."""
-    C, V = logits.shape
+    """Launch one program per row: overwrite logits (C, V_pad) with p - onehot, return the loss (C,)."""
+    C, n_cols = logits.shape
     # The interpreter runs each tile through numpy: small tiles keep tests quick and still cover
     # several tiles and a ragged last one. On a GPU, 4096 columns is 8 tiles for BERT's vocabulary.
-    block_v = min(triton.next_power_of_2(V), 128 if triton.knobs.runtime.interpret else 4096)
+    block_v = min(triton.next_power_of_2(n_cols), 128 if _interpreting() else 4096)
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
-    _jitted_kernel()[(C,)](
-        logits, targets, loss, V, logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=8
-    )
+    with _on_device_of(logits):
+        _jitted_kernel()[(C,)](
+            logits, targets, loss, n_cols, logits.stride(0), ignore_index, BLOCK_V=block_v, num_warps=8
+        )
     return loss
+
+
+def _padded(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """weight (V, D) and bias (V,) in the logits dtype, padded to V_pad rows: zero weights and -inf bias there.
+
+    With V already a multiple of PAD_V_TO only the dtype changes (a no-op without autocast); otherwise this is
+    one copy of the weight, under autocast in place of the cast. A missing bias stays None unless padded.
+    """
+    V, D = weight.shape
+    V_pad = math.ceil(V / PAD_V_TO) * PAD_V_TO
+    if V_pad == V:
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+    w = weight.new_empty(V_pad, D, dtype=dtype)  # (V_pad, D)
+    w[:V] = weight
+    w[V:] = 0
+    b = weight.new_full((V_pad,), float("-inf"), dtype=dtype)  # (V_pad,)
+    b[:V] = 0 if bias is None else bias
+    return w, b
 
 
 def _chunked_forward(
@@ -164,18 +214,16 @@ def _chunked_forward(
 
     # Autocast is done by hand: eager calls reach here with autocast on, compiled graphs with it off
     # (AOTAutograd bakes the casts into the ops around this one), and both must give the same numbers.
-    # The casts of weight and bias are no-ops without autocast; with it, one (V, D) copy, as autocast makes.
     with torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(logits_dtype)
-        b = None if bias is None else bias.to(logits_dtype)
+        w, b = _padded(weight, bias, logits_dtype)  # (V_pad, D), (V_pad,)
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden[rows].to(logits_dtype)  # (C, D)
-            logits = F.linear(h, w, b)  # (C, V), the only one alive
+            logits = F.linear(h, w, b)  # (C, V_pad), the only one alive; -inf in the padding columns
             losses[rows] = _softmax_minus_onehot_(logits, targets[rows], ignore_index)
-            dz = logits  # (C, V), now p - onehot
+            dz = logits[:, :V]  # (C, V), now p - onehot; the padding columns became zeros
             if want_hidden:
-                grad_hidden[rows] = dz @ w  # (C, D)
+                grad_hidden[rows] = logits @ w  # (C, D); the padding adds 0 * 0, and keeps K aligned
             if want_weight:
                 grad_weight += dz.t() @ h  # (V, D), accumulated in fp32 across chunks
             if want_bias:
@@ -269,10 +317,8 @@ def linear_cross_entropy(
         shapes = [None if t is None else tuple(t.shape) for t in (hidden, weight, bias, targets)]
         raise ValueError(f"expected hidden (N, D), weight (V, D), bias (V,) or None, targets (N,); got {shapes}")
     if use_triton is None:
-        # os.environ rather than triton.knobs: dynamo traces the former, so a compiled model on the
-        # CPU keeps its loss in the graph.
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        use_triton = triton is not None and (hidden.is_cuda or interpret)
+        # os.environ, which dynamo traces, so a compiled model on the CPU keeps its loss in the graph.
+        use_triton = triton is not None and (hidden.is_cuda or _interpreting())
     if not use_triton:
         return linear_cross_entropy_ref(hidden, weight, bias, targets, ignore_index, linear=cpu_linear.linear)
     if triton is None:

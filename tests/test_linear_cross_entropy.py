@@ -67,14 +67,19 @@ def loss_and_grads(fn, leaves, targets, **kwargs):
     return loss, list(grads)
 
 
-# (N, V, D, chunk_size, ignored rows): primes and odd sizes; V=1009 is 8 tiles of 128 with a ragged
-# last one, V=97 is one partial tile; chunk None is one chunk, 8 leaves a ragged last chunk of 5.
+# (N, V, D, chunk_size, ignored rows): primes and odd sizes. The logits buffer is V rounded up to a
+# multiple of 64 wide, walked in tiles of 128 in the interpreter: V=1009 pads to 8 whole tiles, V=130 and
+# 257 to a ragged last one, V=97 to one tile; V=1024 needs no padding, V=30522 is BERT's vocabulary.
+# chunk None is one chunk, 8 leaves a ragged last chunk of 5.
 SHAPES = [
     (37, 1009, 33, None, ()),
     (37, 1009, 33, 8, ()),
     (37, 1009, 33, 8, (0, 5, 6, 36)),
     (5, 97, 16, 2, (1,)),
     (1, 130, 7, None, ()),
+    (6, 257, 12, 4, (2,)),
+    (9, 1024, 16, 4, (0,)),
+    (4, 30522, 8, 3, (1,)),
 ]
 
 
@@ -164,6 +169,96 @@ def test_no_grad_returns_the_same_loss(monkeypatch):
     assert not loss.requires_grad
     assert calls == [[False, False, False]]  # evaluation computes no gradients at all
     torch.testing.assert_close(loss, linear_cross_entropy_ref(*leaves, targets), rtol=1e-5, atol=1e-6)
+
+
+def record_kernel_inputs(monkeypatch):
+    """A copy of the logits buffer each launch of the kernel receives, before the kernel overwrites it."""
+    seen = []
+    launch = lce_module._softmax_minus_onehot_
+    monkeypatch.setattr(lce_module, "_softmax_minus_onehot_", lambda logits, *a: seen.append(logits.clone()) or
+                        launch(logits, *a))
+    return seen
+
+
+@interpreted
+@pytest.mark.parametrize("V", [97, 30522, 1024])
+def test_logits_rows_padded_to_a_multiple_of_64(monkeypatch, V):
+    seen = record_kernel_inputs(monkeypatch)
+    leaves, targets = make_inputs(3, V, 8, torch.float32)
+    loss, grads = loss_and_grads(linear_cross_entropy, leaves, targets, use_triton=True, chunk_size=2)
+    V_pad = -(-V // 64) * 64
+    assert [tuple(t.shape) for t in seen] == [(2, V_pad), (1, V_pad)]  # two chunks, each row V_pad wide
+    assert all(torch.equal(t[:, V:], torch.full_like(t[:, V:], float("-inf"))) for t in seen)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]  # the padding stays inside the op
+
+
+@interpreted
+def test_runs_without_triton_knobs(monkeypatch):
+    # triton.knobs appeared in Triton 3.4; the kernel must run on 3.0 (pyproject's floor) without it.
+    import triton
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    leaves, targets = make_inputs(5, 97, 8, torch.float32, ignored=(1,))
+    loss = linear_cross_entropy(*leaves, targets, use_triton=True, chunk_size=2)
+    torch.testing.assert_close(loss, linear_cross_entropy_ref(*leaves, targets), rtol=1e-5, atol=1e-6)
+
+
+class DeviceGuardRecorder:
+    """Stands in for _on_device_of: records each guarded tensor's device, and whether a guard is open."""
+
+    def __init__(self):
+        self.guarded, self.depth = [], 0
+
+    def __call__(self, t):
+        self.guarded.append(t.device)
+        return self
+
+    def __enter__(self):
+        self.depth += 1
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+
+
+def record_launches(monkeypatch, where):
+    """Where each kernel launch ran: `where()` called at the moment of the launch."""
+    launches = []
+    jitted = lce_module._jitted_kernel()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(where()) or jitted[grid](*args, **kwargs)
+
+    monkeypatch.setattr(lce_module, "_jitted_kernel", Kernel)
+    return launches
+
+
+@interpreted
+def test_each_launch_is_guarded_by_the_tensors_device(monkeypatch):
+    # Triton launches on the current GPU, not the tensors' one: every launch must sit inside a guard
+    # made from the logits it writes (their device is the inputs' device).
+    guard = DeviceGuardRecorder()
+    monkeypatch.setattr(lce_module, "_on_device_of", guard)
+    launches = record_launches(monkeypatch, lambda: guard.depth)
+    leaves, targets = make_inputs(5, 97, 8, torch.float32)
+    linear_cross_entropy(*leaves, targets, use_triton=True, chunk_size=2)
+    assert launches == [1, 1, 1]  # three chunks, each launched inside one open guard
+    assert guard.guarded == [leaves[0].device] * 3
+
+
+def test_device_guard_makes_the_tensors_gpu_current(monkeypatch):
+    # On this CPU the guard is checked with a fake CUDA tensor and a stand-in for torch.cuda.device.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: made.append(device) or "guard")
+    with FakeTensorMode():
+        on_gpu1 = torch.empty(2, device="cuda:1")
+    assert lce_module._on_device_of(on_gpu1) == "guard"
+    assert made == [torch.device("cuda:1")]
+    with lce_module._on_device_of(torch.empty(2)):  # CPU tensors (the interpreter) need no guard
+        pass
+    assert made == [torch.device("cuda:1")]
 
 
 class GraphRecorder:
@@ -290,3 +385,21 @@ def test_cuda_compiles_with_inductor():
     # Inductor calls the op as an extern kernel and compiles the backward's scaling and casts around it.
     recorder = assert_compiles_once(backend="inductor", device="cuda", chunk_size=16)
     assert recorder.op_calls() == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(INTERPRETING, reason="tests the compiled kernel, not the interpreter")
+def test_cuda_kernel_runs_on_the_tensors_gpu(monkeypatch):
+    # The tensors on the last GPU while GPU 0 is current: each launch must find their GPU current. With one
+    # GPU the two are the same, and this checks the guard on a real device; with two it is the real test.
+    gpu = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(0)
+    launches = record_launches(monkeypatch, torch.cuda.current_device)
+    leaves, targets = make_inputs(300, 30522, 64, torch.float32, ignored=(3,), device=gpu)
+    loss, grads = loss_and_grads(linear_cross_entropy, leaves, targets, use_triton=True, chunk_size=128)
+    assert launches == [gpu.index] * 3
+    ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_ref, leaves, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    for name, grad, ref in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-3, atol=1e-5 * ref.abs().max().item(), msg=name)
