@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -45,7 +44,8 @@ import mlm
 from mlm import data as mdata
 from mlm.checkpoint import Progress, RunFolder, restore, training_state
 from mlm.distributed import (
-    Dist, StopSignal, agree_max, agree_min, all_reduce_sum, barrier, is_communication_failure, setup_distributed, short,
+    Dist, StopSignal, agree_max, agree_min, all_reduce_sum, barrier, bf16_all_reduce_hook, is_communication_failure,
+    setup_distributed, short,
 )
 from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, run_cli
 from mlm.evaluate import score_blocks, summarize
@@ -355,7 +355,7 @@ def wrap_model(model: MaskedLM, cfg: TrainConfig, job: Dist) -> torch.nn.Module:
     ddp = DDP(step_model, device_ids=[job.device.index] if job.device.type == "cuda" else None,
               gradient_as_bucket_view=True)
     if cfg.ddp_bf16_grads:
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        ddp.register_comm_hook(None, bf16_all_reduce_hook)
     return ddp
 
 

@@ -182,3 +182,18 @@ class StopSignal:
     def requested(self, job: Dist) -> int:
         """The signal number any rank got (0: none), the same answer on every rank."""
         return agree_max(job, self.signum)
+
+
+def bf16_all_reduce_hook(process_group, bucket):
+    """A DDP communication hook: each gradient bucket is summed over ranks in bf16 (half the bytes on the wire)
+    and averaged back into its own dtype. torch's built-in bf16 hook needs NCCL; this one works on Gloo too."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def unpack(done) -> torch.Tensor:
+        buffer.copy_(done.value()[0])
+        return buffer
+
+    return future.then(unpack)
