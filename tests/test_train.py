@@ -247,3 +247,49 @@ def test_world_size_that_does_not_divide_the_global_batch(dataset, tmp_path):
         assert (f"error (rank {rank}): global batch 3 is not a multiple of world size 2; "
                 "change --global-batch-size") in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_deberta_v3_recipe_on_a_wikipedia_like_parquet_dump(hf_checkpoints, tmp_path):
+    """The users' recipe as a preset: parquet with id/url/title/text, an evaluation and a checkpoint every epoch,
+    one checkpoint kept beside the best, and the best weights exported at the end."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = stdlib_docstrings(120)
+    table = pa.table({"id": [str(i) for i in range(len(texts))], "url": ["https://x"] * len(texts),
+                      "title": [t[:20] for t in texts], "text": texts})
+    pq.write_table(table, tmp_path / "wiki-00000.parquet")
+    out = tmp_path / "run"
+    result = run_train("--preset", "deberta-v3", "--device", "cpu", "--init", hf_checkpoints["deberta-v2"],
+                       "--data", tmp_path / "wiki-00000.parquet", "--out", out, "--epochs", "3", "--block-size", "32",
+                       "--global-batch-size", "16", "--eval-blocks", "8", "--log-every", "1", "--lr", "1e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    steps = max(r["step"] for r in rows if "loss" in r)
+    evals = [r["step"] for r in rows if "val_loss" in r]
+    assert steps % 3 == 0 and evals == [0, steps // 3, 2 * steps // 3, steps]  # one per epoch, plus the baseline
+    best = min((r for r in rows if "val_loss" in r and r["step"] > 0), key=lambda r: r["val_loss"])["step"]
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == sorted({f"step_{steps:08d}.pt", f"step_{best:08d}.pt"})
+    assert_same_weights(final_weights(out), load_file(out / "best" / "model.safetensors"), atol=0)
+    model, info = AutoModelForMaskedLM.from_pretrained(out / "final", output_loading_info=True)
+    assert type(model).__name__ == "DebertaV2ForMaskedLM" and not info["missing_keys"]
+
+
+@pytest.mark.slow
+def test_deberta_from_scratch_with_a_unigram_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(stdlib_docstrings()))
+    out = tmp_path / "run"
+    result = run_train("--family", "deberta-v2", "--tokenizer-kind", "unigram", "--vocab-size", "700",
+                       "--data", corpus, *TINY, "--max-steps", "4", "--global-batch-size", "4", "--out", out,
+                       "--example", "The [MASK] of the list.")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, info = AutoModelForMaskedLM.from_pretrained(out / "final", output_loading_info=True)
+    assert type(model).__name__ == "DebertaV2ForMaskedLM" and not info["missing_keys"]
+    text = "Return the number of items."
+    assert AutoTokenizer.from_pretrained(out / "final")(text)["input_ids"] == mlm.Tokenizer.from_pretrained(
+        out / "final").encode(text)
