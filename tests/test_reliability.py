@@ -272,7 +272,7 @@ def launch_two_ranks(args: list, tmp_path: Path) -> list[subprocess.Popen]:
 def test_the_other_rank_stops_with_one_line_when_a_rank_dies_or_hangs(dataset, tmp_path, how):
     out = tmp_path / how
     args = ["--data", dataset, *TINY, "--max-steps", "100000", "--global-batch-size", "8", "--out", out,
-            "--dist-timeout", "0.25"]  # 15 seconds
+            "--dist-timeout", "0.1"]  # 6 seconds
     rank0, rank1 = launch_two_ranks(args, tmp_path)
     try:
         wait_for_step(out, 2, rank0)
