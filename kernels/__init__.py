@@ -1,9 +1,14 @@
 """Fast kernels for the hot path, each beside the plain-PyTorch reference that defines it.
 
-- `linear` (cpu_linear.py): fp32 linear layers on the CPU through oneDNN's GEMM; reference `linear_ref`.
+- `linear` (cpu_linear.py): fp32 linear layers on the CPU through oneDNN's GEMM where MKL is not the faster
+  (not on Intel CPUs); reference `linear_ref`.
 - `dropout` (cpu_dropout.py): dropout on the CPU as a thresholded uniform draw; reference `dropout_ref`.
+- `embedding`, `decoder_weight`, `Tie` (cpu_embedding.py): the word-embedding lookup, whose gradient on the
+  CPU goes into the tied decoder's in place; reference `embedding_ref`.
 - `attention` (cpu_attention.py): softmax attention, written out with that dropout on the CPU in
   training; reference `attention_ref`.
+- `disentangled_bias` (disentangled_bias.py): DeBERTa's position terms by a relative shift instead of a
+  gather; reference `disentangled_bias_ref`.
 - `linear_cross_entropy` (linear_cross_entropy.py): the MLM head's decoder and loss, chunked, in Triton;
   reference `linear_cross_entropy_ref`.
 
@@ -13,12 +18,15 @@ Importing the package registers the fused loss as the custom op torch.ops.mlm.li
 
 from .cpu_attention import attention, attention_ref
 from .cpu_dropout import dropout, dropout_ref
+from .cpu_embedding import Tie, decoder_weight, embedding, embedding_ref
 from .cpu_linear import linear, linear_ref
+from .disentangled_bias import disentangled_bias, disentangled_bias_ref
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 __all__ = [
-    "attention", "attention_ref", "dropout", "dropout_ref", "linear", "linear_ref",
-    "linear_cross_entropy", "linear_cross_entropy_ref", "triton_available",
+    "Tie", "attention", "attention_ref", "decoder_weight", "disentangled_bias", "disentangled_bias_ref", "dropout",
+    "dropout_ref", "embedding", "embedding_ref", "linear", "linear_ref", "linear_cross_entropy",
+    "linear_cross_entropy_ref", "triton_available",
 ]
 
 

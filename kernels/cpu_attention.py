@@ -3,7 +3,7 @@
 SDPA has no fused CPU kernel with dropout: given dropout_p > 0 it runs its unfused math and torch's
 Bernoulli dropout. `attention` writes that same math out with `cpu_dropout.dropout` instead:
 
-    y = dropout(softmax(q @ k.T / sqrt(D) + bias)) @ v
+    y = dropout(softmax(q @ k.T * scale + bias)) @ v,   scale = 1 / sqrt(D) unless given
 
 where a boolean mask makes bias 0 where True (may attend) and -inf where False. Everywhere else (no
 dropout, another device, nested tensors) it is `attention_ref`, plain `F.scaled_dot_product_attention`,
@@ -21,27 +21,33 @@ from .cpu_dropout import dropout
 
 
 def attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` with its mask and dropout arguments."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    """`F.scaled_dot_product_attention` with its mask, dropout and scale arguments."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q, k, v (B, H, T, D) -> (B, H, T, D), dropout on the probabilities.
 
     mask, broadcastable to (B, H, T, T) (e.g. (B, 1, 1, T) for padding): boolean, True where a query may
     attend to a key, or a float bias in q's dtype added to the scores (position terms, -inf to hide).
     Give every query a key it may attend to: for a query with none, SDPA returns zeros and the written-out
-    path NaN. As with SDPA, dropout_p applies whenever it is given: pass 0 in evaluation.
+    path NaN. As with SDPA, dropout_p applies whenever it is given: pass 0 in evaluation; scale multiplies
+    the scores, 1 / sqrt(D) when None.
     """
     if dropout_p == 0.0 or q.device.type != "cpu" or q.is_nested:
-        return attention_ref(q, k, v, mask, dropout_p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T); scaled first: no fp16 overflow
+        return attention_ref(q, k, v, mask, dropout_p, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, T, T); scaled first: no fp16 overflow
+    # The mask goes in in place: the matmul's backward needs q and k, not this, and a (B, H, T, T) fewer
+    # is allocated (at T = 512 each is 25 MB of fresh pages for the kernel to fault in).
     if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
     elif mask is not None:
-        scores = scores + mask
+        scores += mask
     return dropout(scores.softmax(dim=-1), dropout_p) @ v  # (B, H, T, D)

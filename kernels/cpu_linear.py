@@ -1,8 +1,10 @@
 """fp32 linear layers on the CPU through oneDNN's GEMM instead of the BLAS behind `F.linear`.
 
 Why: PyTorch sends an fp32 `F.linear` on the CPU to Intel MKL's sgemm, and only bf16/fp16 to oneDNN,
-which it also ships. MKL picks its code path by CPU; where it does not take its fastest one (AMD CPUs),
-oneDNN's fp32 GEMM is about twice as fast on every product of the model (BENCHMARKS.md, "fp32 matmuls").
+which it also ships. MKL picks its code path by CPU vendor; where it does not take its fastest one (AMD
+CPUs), oneDNN's fp32 GEMM is about twice as fast on every product of the model (BENCHMARKS.md, "fp32
+matmuls"). On Intel CPUs MKL is the faster of the two (oneDNN's backward products, whose operands are
+transposed views, by up to 2x), so there `linear` is `F.linear` unless asked otherwise.
 
 The same math: fp32 inputs, fp32 accumulation; only the blocking (the order of the additions) differs,
 so results agree with `F.linear` to fp32 rounding (about 1e-6 relative).
@@ -14,7 +16,8 @@ layers. It has no autograd formula, so `_OneDNNLinear` supplies one from the sam
 
 `linear` falls back to `linear_ref` (`F.linear`) wherever this does not apply: other devices or dtypes,
 CPU autocast (which already sends bf16 matmuls to oneDNN), inside torch.compile (which picks its own
-kernels), torch builds without oneDNN, and `MLM_ONEDNN_LINEAR=0` in the environment.
+kernels), torch builds without oneDNN, Intel CPUs with MKL, and `MLM_ONEDNN_LINEAR=0` in the environment.
+`MLM_ONEDNN_LINEAR=1` takes oneDNN on Intel CPUs too.
 
 Shapes: M rows, K input features, N output features.
 """
@@ -43,6 +46,20 @@ def _find_op():
 
 
 _op = _find_op()
+
+
+def _mkl_is_fast() -> bool:
+    """Whether F.linear's MKL takes its fast path on this CPU: MKL chooses its kernels by vendor, Intel's."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:  # not Linux: keep oneDNN, as on any CPU we know nothing of
+        return False
+
+
+_MKL_FAST = _mkl_is_fast()
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,8 +101,14 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and os.environ.get("MLM_ONEDNN_LINEAR", "1") != "0"
+        and _wanted()
     )
+
+
+def _wanted() -> bool:
+    """MLM_ONEDNN_LINEAR: "1" always, "0" never, unset: wherever MKL is not the faster (not Intel)."""
+    choice = os.environ.get("MLM_ONEDNN_LINEAR", "")
+    return choice == "1" or (choice != "0" and not _MKL_FAST)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,11 +11,13 @@ All four are post-LN (LayerNorm after each residual add, eps inside the square r
 decoder to the word embeddings, with a separate decoder bias.
 
 Shape legend: B batch, T tokens, C = hidden_size, H heads, D = C // H head dim, V vocabulary,
-N rows picked for the head (the masked positions), S DeBERTa's relative span (its table has 2S rows).
+N rows picked for the head (the masked positions), S DeBERTa's relative span (its table has 2S rows),
+R the rows of it that T tokens reach.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention, dropout, linear, linear_cross_entropy
+from kernels import Tie, attention, decoder_weight, disentangled_bias, dropout, embedding, linear, linear_cross_entropy
 from mlm.errors import ConfigError, InputError
 from mlm.masking import IGNORE_INDEX
 
@@ -145,10 +147,11 @@ class Embeddings(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, tie: Tie | None = None,
     ) -> torch.Tensor:
+        """tie: the loss goes through the tied decoder, whose gradient the lookup's then joins in place."""
         B, T = input_ids.shape
-        x = self.word(input_ids)  # (B, T, E)
+        x = embedding(input_ids, self.word.weight, self.word.padding_idx, tie)  # (B, T, E)
         if self.cfg.position_offset:
             # RoBERTa: real tokens are numbered from pad_token_id + 1 and padding keeps position pad_token_id.
             real = (input_ids != self.cfg.pad_token_id).int()
@@ -183,9 +186,24 @@ class RelativePositions(nn.Module):
         self.table = nn.Embedding(2 * cfg.relative_span, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_relative else None
 
+    def rows(self, T: int) -> tuple[int, int]:
+        """First and last row that T tokens can use (|d| < T): 255 of deberta-v3's 512 at T = 128.
+
+        From T and the config alone, no tensors, so that torch.compile sees fixed shapes. Past the exact
+        range the bucket is computed in float64 here, float32 in forward: one row of margin covers that.
+        """
+        S, mid = self.cfg.relative_span, self.cfg.position_buckets // 2
+        reach = T - 1
+        if self.cfg.position_buckets > 0 and T - 1 > mid:
+            log_range = math.log((self.cfg.max_distance - 1) / mid) if self.cfg.max_distance - 1 > mid else 0.0
+            reach = mid + math.ceil(math.log((T - 1) / mid) / log_range * (mid - 1)) + 1 if log_range else S
+        return max(0, S - reach), min(2 * S - 1, S + reach)
+
     def forward(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (normalised) table (2S, C) and each query-key pair's row of it, index (T, T)."""
-        table = self.table.weight if self.norm is None else self.norm(self.table.weight)
+        """The (normalised) rows T tokens can use, (R, C), and each query-key pair's row among them, (T, T)."""
+        first, last = self.rows(T)
+        table = self.table.weight[first : last + 1]  # (R, C)
+        table = table if self.norm is None else self.norm(table)
         S, buckets, device = self.cfg.relative_span, self.cfg.position_buckets, table.device
         d = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]  # (T, T): i - j
         if buckets > 0:
@@ -195,35 +213,7 @@ class RelativePositions(nn.Module):
             log_range = torch.tensor((self.cfg.max_distance - 1) / mid, device=device).log()
             log_d = mid + torch.ceil((far / mid).log() / log_range * (mid - 1))  # (T, T), >= mid
             d = torch.where(d.abs() <= mid, d, (log_d * d.sign()).long())
-        return table, (d + S).clamp(0, 2 * S - 1)  # (2S, C), (T, T)
-
-
-def disentangled_bias(
-    q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor | None, pos_k: torch.Tensor | None,
-    index: torch.Tensor, scale: float,
-) -> torch.Tensor:
-    """DeBERTa's position terms for SDPA's float bias: (B, H, T, T), scaled like the content scores.
-
-        c2p[i, j] = q_i . pos_k[r]    the query's content against the key's position relative to it
-        p2c[i, j] = k_j . pos_q[r]    the key's content against that same relative position
-        r = index[i, j] = S + d(i, j), d(i, j) = i - j
-
-    p2c's row is derived from transformers' code, which the checkpoints were trained with: it gathers row
-    S - d(j, i) of k_j's products; d is odd (bucketing keeps the sign), so that is S + d(i, j), the row
-    c2p uses (the paper writes delta(j, i) for p2c). scale (1 / sqrt(D * (1 + terms))) multiplies q and
-    pos_q before the products, so fp16 holds them where the unscaled products would overflow.
-    q, k (B, H, T, D); pos_q, pos_k (H, 2S, D) or None for a term the config leaves out; index (T, T).
-    """
-    B, H, T, _ = q.shape
-    rows = index.expand(B, H, T, T)
-    bias = q.new_zeros(())
-    if pos_k is not None:
-        c2p = (q * scale) @ pos_k.transpose(-1, -2)  # (B, H, T, 2S): each query against every relative row
-        bias = bias + c2p.gather(-1, rows)  # (B, H, T, T)
-    if pos_q is not None:
-        p2c = k @ (pos_q * scale).transpose(-1, -2)  # (B, H, T, 2S): each key against every relative row
-        bias = bias + p2c.gather(-1, rows.transpose(-1, -2)).transpose(-1, -2)  # (B, H, T, T): [i, j] from row j
-    return bias
+        return table, (d + S).clamp(0, 2 * S - 1) - first  # (R, C), (T, T)
 
 
 class Attention(nn.Module):
@@ -260,33 +250,43 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
         # mask: bool, True where a query may look at a key; (B, 1, 1, T) for padding, (B, 1, T, T) for documents.
+        scale = None  # SDPA's 1 / sqrt(D)
         if self.terms:
-            # DeBERTa: the mask becomes a float bias (B, H, T, T), -inf where hidden. Its scores are divided by
-            # sqrt(D * (1 + terms)) where SDPA divides by sqrt(D): q takes the rest of the scale.
-            mask = self._position_bias(q, k, *rel, mask)
-            q = q * (1 + len(self.terms)) ** -0.5
-        y = attention(q, k, v, mask, p_drop)  # (B, H, T, D)
+            # DeBERTa: the mask becomes a float bias (B, H, T, T), -inf where hidden; scores, content and
+            # position alike, are divided by sqrt(D * (1 + terms)).
+            scale = (C // self.num_heads * (1 + len(self.terms))) ** -0.5
+            mask = self._position_bias(q, k, *rel, mask, scale)
+        y = attention(q, k, v, mask, p_drop, scale)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
     def _position_bias(self, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-                       mask: torch.Tensor | None) -> torch.Tensor:
-        """DeBERTa's position terms for this layer, with the mask folded in as -inf: (B, H, T, T)."""
+                       mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """DeBERTa's position terms for this layer, with the mask folded in as -inf: (B, H, T, T).
+
+            c2p[i, j] = q_i . pos_k[r] * scale    the query's content against the key's position relative to it
+            p2c[i, j] = k_j . pos_q[r] * scale    the key's content against that same relative position
+            r = index[i, j], the table row of d(i, j) = i - j
+
+        p2c's row is derived from transformers' code, which the checkpoints were trained with: it gathers row
+        S - d(j, i) of k_j's products; d is odd (bucketing keeps the sign), so that is S + d(i, j), the row
+        c2p uses (the paper writes delta(j, i) for p2c). The scale goes in before the products, so fp16
+        holds them where the unscaled products would overflow. kernels/disentangled_bias.py computes both
+        without a gather.
+        """
         B, H, T, D = q.shape
         C = H * D
-        table = self.rel_dropout(table)  # (2S, C)
-        if self.share_att_key:  # the content projections' weights, sliced out of the fused QKV
-            w, b = self.qkv.weight, self.qkv.bias
-            pos_q = linear(table, w[:C], b[:C]) if "p2c" in self.terms else None  # (2S, C)
-            pos_k = linear(table, w[C : 2 * C], b[C : 2 * C]) if "c2p" in self.terms else None  # (2S, C)
+        table = self.rel_dropout(table)  # (R, C)
+        if self.share_att_key:  # the content projections' W_q and W_k, sliced out of the fused QKV: one product
+            pos_q, pos_k = linear(table, self.qkv.weight[: 2 * C], self.qkv.bias[: 2 * C]).split(C, dim=1)  # (R, C)
+            pos_q, pos_k = (pos_q if "p2c" in self.terms else None), (pos_k if "c2p" in self.terms else None)
         else:
-            pos_q = self.pos_query(table) if self.pos_query is not None else None  # (2S, C)
-            pos_k = self.pos_key(table) if self.pos_key is not None else None  # (2S, C)
+            pos_q = self.pos_query(table) if self.pos_query is not None else None  # (R, C)
+            pos_k = self.pos_key(table) if self.pos_key is not None else None  # (R, C)
 
-        def heads(t: torch.Tensor | None) -> torch.Tensor | None:  # (2S, C) -> (H, 2S, D)
+        def heads(t: torch.Tensor | None) -> torch.Tensor | None:  # (R, C) -> (H, R, D)
             return None if t is None else t.view(-1, H, D).transpose(0, 1)
 
-        scale = (D * (1 + len(self.terms))) ** -0.5
         bias = disentangled_bias(q, k, heads(pos_q), heads(pos_k), index, scale)  # (B, H, T, T)
         return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
@@ -391,6 +391,7 @@ class MaskedLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        tie: Tie | None = None,
     ) -> torch.Tensor:
         """Last hidden states (B, T, C).
 
@@ -399,6 +400,7 @@ class MaskedLM(nn.Module):
         doc_ids (B, T): document number of each token in a packed block; tokens attend only within their
         own document (padding, given its own id such as -1, is then a document of its own). Absolute
         positions still count from the start of the block; DeBERTa's relative ones need no such care.
+        tie: links the word lookup to the caller's decoder (kernels/cpu_embedding.py).
         """
         B, T = input_ids.shape
         if T > self.config.max_tokens:
@@ -406,11 +408,11 @@ class MaskedLM(nn.Module):
                 f"sequence of {T} tokens is longer than the model's limit of {self.config.max_tokens}; "
                 "truncate the input or use a shorter block size"
             )
-        x = self.embeddings(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        x = self.embeddings(input_ids, token_type_ids, attention_mask, tie)  # (B, T, C)
         if self.config.varlen and (attention_mask is not None or doc_ids is not None):
             return self._encode_varlen(x, attention_mask, doc_ids)
         mask = attention_mask_for(attention_mask, doc_ids)
-        rel = self.relative(T) if self.relative is not None else None  # DeBERTa: table (2S, C), index (T, T)
+        rel = self.relative(T) if self.relative is not None else None  # DeBERTa: table (R, C), index (T, T)
         for block in self.blocks:
             x = block(x, mask, rel=rel)
         return x
@@ -455,12 +457,14 @@ class MaskedLM(nn.Module):
         torch.compile sees one graph; a row with more than M labels loses the excess, so use it with
         masks whose count per row is bounded (static masking).
         """
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, doc_ids)  # (B, T, C)
         if labels is None:
-            return self.logits(hidden)  # (B, T, V)
+            return self.logits(self.encode(input_ids, attention_mask, token_type_ids, doc_ids))  # (B, T, V)
+        tie = Tie()  # the tied weight's two gradients, the lookup's and the decoder's, summed in place
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, doc_ids, tie)  # (B, T, C)
         rows, targets = self.labelled_rows(hidden, labels, max_predictions)  # (N, C), (N,)
         # The decoder matmul and the loss together: a fused, chunked kernel on GPU, plain PyTorch elsewhere.
-        return linear_cross_entropy(self.head.transform(rows), self.embeddings.word.weight, self.head.bias, targets)
+        weight = decoder_weight(self.embeddings.word.weight, tie)
+        return linear_cross_entropy(self.head.transform(rows), weight, self.head.bias, targets)
 
     @staticmethod
     def labelled_rows(

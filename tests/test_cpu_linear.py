@@ -14,6 +14,21 @@ from mlm.model import MaskedLM, ModelConfig
 onednn = pytest.mark.skipif(cpu_linear._op is None, reason="this torch build has no oneDNN (mkldnn)")
 
 
+@pytest.fixture(autouse=True)
+def take_onednn(monkeypatch):
+    """The kernel is under test here, on Intel CPUs too (where it is not the default)."""
+    monkeypatch.setenv("MLM_ONEDNN_LINEAR", "1")
+
+
+@onednn
+@pytest.mark.parametrize("mkl_fast", [True, False])
+def test_by_default_onednn_only_where_mkl_is_not_the_faster(monkeypatch, mkl_fast):
+    monkeypatch.delenv("MLM_ONEDNN_LINEAR")
+    monkeypatch.setattr(cpu_linear, "_MKL_FAST", mkl_fast)
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    assert cpu_linear.applies(x, w) is not mkl_fast
+
+
 def leaves(lead, K, N, bias=True, x_grad=True, w_grad=True, transposed=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     if transposed:  # x as a transposed view: strides (1, M)

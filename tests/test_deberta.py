@@ -113,11 +113,31 @@ def test_relative_index_is_transformers_for_long_sequences():
     for buckets, max_rel, T in [(256, -1, 512), (256, 512, 300), (8, -1, 64), (6, 12, 40), (0, 6, 20), (0, -1, 64)]:
         cfg = ModelConfig(family="deberta-v2", hidden_size=8, num_heads=2, max_position_embeddings=max(T, 64),
                           position_buckets=buckets, max_relative_positions=max_rel)
-        _, index = RelativePositions(cfg)(T)
+        relative = RelativePositions(cfg)
+        table, index = relative(T)
+        first, last = relative.rows(T)
+        assert table.shape[0] == last - first + 1 and 0 <= index.min() and index.max() <= last - first
         span = cfg.relative_span
         x = torch.zeros(1, T, 1)
         d = build_relative_position(x, x, bucket_size=buckets or -1, max_position=cfg.max_distance)[0]
-        assert torch.equal(index, (d + span).clamp(0, 2 * span - 1)), (buckets, max_rel, T)
+        assert torch.equal(index + first, (d + span).clamp(0, 2 * span - 1)), (buckets, max_rel, T)
+
+
+@pytest.mark.parametrize("buckets, max_rel", [(256, -1), (8, -1), (6, 12), (0, 6), (0, -1), (16, 10), (8, 5)])
+def test_rows_cover_every_pair_and_no_more_where_distances_are_exact(buckets, max_rel):
+    """rows(T), from T and the config alone, holds every row the index uses; within +-buckets/2 (and
+    unclamped) it is exactly the 2T - 1 rows of the distances. (16, 10) ends the log scale before the
+    buckets do, (8, 5) at them."""
+    cfg = ModelConfig(family="deberta-v2", hidden_size=8, num_heads=2, max_position_embeddings=64,
+                      position_buckets=buckets, max_relative_positions=max_rel)
+    relative = RelativePositions(cfg)
+    for T in range(1, 65):
+        first, last = relative.rows(T)
+        index = relative(T)[1]
+        assert index.min() >= 0 and index.max() <= last - first, T
+        exact = T - 1 <= (buckets // 2 if buckets > 0 else cfg.max_distance - 1) and T - 1 < cfg.relative_span
+        if exact:
+            assert (first, last) == (cfg.relative_span - T + 1, cfg.relative_span + T - 1), T
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
