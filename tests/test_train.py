@@ -119,8 +119,8 @@ def test_continue_pretraining_all_minilm_l6_v2(minilm_dir, tmp_path):
     corpus.write_text("\n\n".join(stdlib_docstrings(400)))
     out = tmp_path / "run"
     result = run_train("--preset", "minilm", "--device", "cpu", "--init", minilm_dir, "--data", corpus, "--out", out,
-                       "--max-steps", "30", "--global-batch-size", "8", "--block-size", "64", "--eval-every", "10",
-                       "--eval-blocks", "32", "--lr", "3e-4", timeout=600)
+                       "--max-steps", "20", "--global-batch-size", "8", "--block-size", "64", "--eval-every", "10",
+                       "--eval-blocks", "16", "--lr", "3e-4", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ppl = [m["val_ppl"] for m in metrics(out) if "val_ppl" in m]
     assert len(ppl) >= 3 and ppl[-1] < 0.5 * ppl[0], ppl
