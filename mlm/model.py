@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -216,6 +217,24 @@ class RelativePositions(nn.Module):
         return table, (d + S).clamp(0, 2 * S - 1) - first  # (R, C), (T, T)
 
 
+class Ragged(NamedTuple):
+    """Sequences packed end to end: sequence s is rows offsets[s] to offsets[s + 1] - 1.
+
+    The shortest and longest lengths are read to the host once per batch, here, and handed to every layer's
+    nested tensors, which would otherwise each compute them (a device sync per layer on a GPU).
+    """
+
+    offsets: torch.Tensor  # (S + 1,) int64, from 0 to N
+    min_len: int
+    max_len: int
+
+    @classmethod
+    def from_offsets(cls, offsets: torch.Tensor) -> Ragged:
+        lengths = offsets.diff()  # (S,)
+        low, high = torch.stack([lengths.min(), lengths.max()]).tolist()  # one host read
+        return cls(offsets, low, high)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection (HF keeps three; the mapping table splits it).
 
@@ -238,12 +257,12 @@ class Attention(nn.Module):
             self.rel_dropout = Dropout(cfg.hidden_dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None,
+        self, x: torch.Tensor, mask: torch.Tensor | None, ragged: Ragged | None = None,
         rel: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         p_drop = self.dropout if self.training else 0.0
-        if offsets is not None:
-            return self.proj(self._varlen(x, offsets, p_drop))
+        if ragged is not None:
+            return self.proj(self._varlen(x, ragged, p_drop))
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, H, T, D)
@@ -290,7 +309,7 @@ class Attention(nn.Module):
         bias = disentangled_bias(q, k, heads(pos_q), heads(pos_k), index, scale)  # (B, H, T, T)
         return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
-    def _varlen(self, x: torch.Tensor, offsets: torch.Tensor, p_drop: float) -> torch.Tensor:
+    def _varlen(self, x: torch.Tensor, ragged: Ragged, p_drop: float) -> torch.Tensor:
         """Attention over S sequences packed end to end in x (N, C); sequence s is x[offsets[s]:offsets[s+1]].
 
         Nested (jagged) tensors give SDPA one ragged batch: no padding is computed and no token sees
@@ -300,7 +319,8 @@ class Attention(nn.Module):
         H = self.num_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (N, C) -> (S, H, j, D), j ragged
-            nested = torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets)  # (S, j, C)
+            nested = torch.nested.nested_tensor_from_jagged(  # (S, j, C)
+                t.contiguous(), ragged.offsets, min_seqlen=ragged.min_len, max_seqlen=ragged.max_len)
             return nested.unflatten(-1, (H, C // H)).transpose(1, 2)  # (S, H, j, D)
 
         q, k, v = self.qkv(x).split(C, dim=1)  # 3 x (N, C)
@@ -327,9 +347,9 @@ class Block(nn.Module):
         self.attn_dropout = Dropout(0.0 if cfg.family == "distilbert" else cfg.hidden_dropout)
         self.mlp_dropout = Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, offsets: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, ragged: Ragged | None = None,
                 rel: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_dropout(self.attn(x, mask, offsets, rel)))
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, mask, ragged, rel)))
         x = self.mlp_norm(x + self.mlp_dropout(self.fc2(self.act(self.fc1(x)))))
         return x
 
@@ -432,9 +452,10 @@ class MaskedLM(nn.Module):
             starts[:, 1:] |= doc_ids[:, 1:] != doc_ids[:, :-1]
         starts = starts[real]  # (N,) among the real tokens, in row order
         offsets = torch.cat([starts.nonzero().flatten(), starts.new_tensor([starts.numel()], dtype=torch.long)])
+        ragged = Ragged.from_offsets(offsets)
         packed = x[real]  # (N, C)
         for block in self.blocks:
-            packed = block(packed, None, offsets)
+            packed = block(packed, None, ragged)
         return x.new_zeros(B, T, C).masked_scatter(real[..., None], packed)  # (B, T, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers import AutoModelForMaskedLM, BertModel
 import mlm
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
-from mlm.model import MaskedLM, ModelConfig
+from mlm.model import MaskedLM, ModelConfig, Ragged
 
 
 def padded_batch(cfg, seed=0, B=4, T=19):
@@ -186,6 +186,23 @@ def varlen_inputs():
     attention[2, 4:] = 0
     doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 2, [0] * 3 + [1] * 8 + [-1] * 5, [0] * 4 + [-1] * 12])
     return ids, attention, doc_ids
+
+
+def test_varlen_reads_the_lengths_to_the_host_once_per_batch(monkeypatch):
+    """Every layer's nested tensors get the batch's shortest and longest sequence, read once (on a GPU the
+    nested tensor would otherwise compute them in each layer, a device sync each time)."""
+    ids, attention, doc_ids = varlen_inputs()  # sequences of 5, 9, 2, 3, 8 and 4 tokens
+    model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=3, num_heads=4, intermediate_size=40,
+                                 max_position_embeddings=32, varlen=True)).eval()
+    made, reads = [], []
+    build = torch.nested.nested_tensor_from_jagged
+    monkeypatch.setattr(torch.nested, "nested_tensor_from_jagged",
+                        lambda *a, **kw: made.append((kw.get("min_seqlen"), kw.get("max_seqlen"))) or build(*a, **kw))
+    from_offsets = Ragged.from_offsets.__func__
+    monkeypatch.setattr(Ragged, "from_offsets", classmethod(lambda cls, o: reads.append(1) or from_offsets(cls, o)))
+    model.encode(ids, attention, doc_ids=doc_ids)
+    assert len(reads) == 1
+    assert made == [(2, 9)] * (3 * 3)  # q, k and v in each of the 3 layers
 
 
 @pytest.mark.parametrize("with_docs", [False, True])
