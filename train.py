@@ -49,7 +49,7 @@ from mlm.distributed import (
 )
 from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, run_cli
 from mlm.evaluate import score_blocks, summarize
-from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops
+from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, position_rows
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
 from mlm.model import DTYPES, MaskedLM, ModelConfig
@@ -523,7 +523,8 @@ class Meter:
         head_rows = max(1, round(cfg.mlm_probability * cfg.block_size)) / cfg.block_size if static \
             else cfg.mlm_probability
         self.flops = (model_flops_per_token(config, cfg.block_size, training=True),
-                      hardware_flops_per_token(config, cfg.block_size, training=True, head_rows_fraction=head_rows))
+                      hardware_flops_per_token(config, cfg.block_size, training=True, head_rows_fraction=head_rows,
+                                               position_rows=position_rows(cfg.block_size)))
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=run.job.device)  # non-finite steps in a row
         self.skipped = torch.zeros((), dtype=torch.int64, device=run.job.device)  # since the last report
 

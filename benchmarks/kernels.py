@@ -1,8 +1,12 @@
 """Each kernel in kernels/ against the plain-PyTorch reference beside it, forward + backward, at bert-base's
-shapes: on the CPU the oneDNN linear against F.linear; on CUDA the fused decoder + cross-entropy against
-its reference, time and peak memory."""
+shapes: on the CPU the oneDNN linear against F.linear (oneDNN taken on any CPU here, Intel's too, where
+the model leaves it off); on CUDA the fused decoder + cross-entropy against its reference, time and peak
+memory."""
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -21,23 +25,45 @@ def fwd_bwd(fn, inputs, grad=None) -> None:
 def bench_kernels(args, device: torch.device) -> list[Row]:
     """Each kernel against its reference, forward + backward, on bert-base's shapes and one micro-batch."""
     tokens = batch_for(args, 128) * 128
-    g = torch.Generator().manual_seed(0)
     rows = []
     if device.type == "cpu":
-        for K, N, where in ((768, 2304, "QKV"), (768, 3072, "MLP in"), (3072, 768, "MLP out")):
-            inputs = [torch.randn(tokens, K, generator=g).requires_grad_(),
-                      (torch.randn(N, K, generator=g) * K**-0.5).requires_grad_(), torch.zeros(N, requires_grad=True)]
-            grad = torch.randn(tokens, N, generator=g)
-            runs = {"ours": lambda i: fwd_bwd(cpu_linear.linear, inputs, grad),
-                    "hf": lambda i: fwd_bwd(cpu_linear.linear_ref, inputs, grad)}
-            times = alternate(runs, args.calls, 2, lambda: None)
-            rows += times.stamp([
-                Row(section="kernels", size="base", seq=128, dtype="fp32", metric="time", unit="ms",
-                    variant=f"linear {where}, {tokens}x{K} @ {K}x{N}", ours=1e3 * times.median("ours"),
-                    hf=1e3 * times.median("hf"), higher_is_better=False, device="cpu", batch=tokens // 128)])
+        rows += bench_cpu_linear(args, tokens)
     if device.type == "cuda" and triton_available():
         rows += bench_linear_cross_entropy(args, device, tokens)
     return rows
+
+
+def bench_cpu_linear(args, tokens: int) -> list[Row]:
+    """cpu_linear.linear (oneDNN) against F.linear, forward + backward, on bert-base's three weight shapes."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for K, N, where in ((768, 2304, "QKV"), (768, 3072, "MLP in"), (3072, 768, "MLP out")):
+        inputs = [torch.randn(tokens, K, generator=g).requires_grad_(),
+                  (torch.randn(N, K, generator=g) * K**-0.5).requires_grad_(), torch.zeros(N, requires_grad=True)]
+        grad = torch.randn(tokens, N, generator=g)
+        runs = {"ours": lambda i: fwd_bwd(cpu_linear.linear, inputs, grad),
+                "hf": lambda i: fwd_bwd(cpu_linear.linear_ref, inputs, grad)}
+        with onednn_everywhere():
+            times = alternate(runs, args.calls, 2, lambda: None)
+        rows += times.stamp([
+            Row(section="kernels", size="base", seq=128, dtype="fp32", metric="time", unit="ms",
+                variant=f"linear {where}, {tokens}x{K} @ {K}x{N}", ours=1e3 * times.median("ours"),
+                hf=1e3 * times.median("hf"), higher_is_better=False, device="cpu", batch=tokens // 128)])
+    return rows
+
+
+@contextlib.contextmanager
+def onednn_everywhere():
+    """MLM_ONEDNN_LINEAR=1 for the duration: the kernel itself is timed, on Intel CPUs too."""
+    before = os.environ.get("MLM_ONEDNN_LINEAR")
+    os.environ["MLM_ONEDNN_LINEAR"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLM_ONEDNN_LINEAR"]
+        else:
+            os.environ["MLM_ONEDNN_LINEAR"] = before
 
 
 def bench_linear_cross_entropy(args, device: torch.device, tokens: int) -> list[Row]:

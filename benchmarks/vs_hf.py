@@ -36,7 +36,7 @@ import torch
 import mlm
 from benchmarks.common import (VOCAB_SIZE, Row, alternate, batch_for, cpu_transient_bytes, persistent_bytes,
                                steps_for, synchronizer, warmup_for)
-from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops
+from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, position_rows
 from mlm.hf import config_from_hf, load_model, read_hf_config
 from mlm.masking import IGNORE_INDEX, mask_tokens
 from mlm.model import DTYPES, ModelConfig
@@ -247,7 +247,9 @@ def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int
         # The share of rows our head ran on: the labelled tokens of the timed batches.
         labelled = sum((labels != IGNORE_INDEX).sum().item() for _, labels in batches[warmup:]) / (reps * tokens)
         fraction = {"ours": labelled, "hf": 1.0}
-        hfu = {n: hardware_flops_per_token(ckpt.config, seq, True, fraction[n]) * speed[n] / peak for n in speed}
+        rows_scored = {"ours": position_rows(seq), "hf": None}  # DeBERTa's position terms; None: the whole table
+        hfu = {n: hardware_flops_per_token(ckpt.config, seq, True, fraction[n], rows_scored[n]) * speed[n] / peak
+               for n in speed}
         rows.append(Row(metric="HFU", unit="%", ours=hfu["ours"], hf=hfu["hf"], higher_is_better=True,
                         extra={"peak_tflops": peak / 1e12, "head_rows_fraction": fraction}, **key))
     if cuda:

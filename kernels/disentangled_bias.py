@@ -63,6 +63,11 @@ def disentangled_bias_ref(
     return bias
 
 
+def scored_rows(T: int) -> int:
+    """Table rows each query (key) is multiplied with per term here, at most: T + ceil(T/2) - 1 (for utilisation)."""
+    return T + (T + 1) // 2 - 1
+
+
 def _relative_products(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """out[h, b, a, c] = x[b, h, a] . rows[h, T - 1 - a + c]: x (B, H, T, D), rows (H, 2T-1, D) -> (H, B, T, T).
 

@@ -23,15 +23,19 @@ counted for every token, as MFU is usually reported, so that work an implementat
 Hardware FLOPs are the matmul work done, in two places different from the model count:
   - the head counts only on the rows it runs on: mlm's training step runs it on the masked rows (about
     15% of the tokens), transformers' on every row; in inference both run it everywhere;
-  - DeBERTa's position terms score each query (or key) against every one of the 2k table rows and then
-    gather the T it needs, as mlm and transformers both compute them: 2 x L x C x 2k per term, not C T.
+  - DeBERTa's position terms: transformers scores each query (or key) against every one of the 2k table
+    rows and then gathers the T it needs, 2 x L x C x 2k per term, not C T; mlm's relative shift
+    (kernels/disentangled_bias.py) scores it against T + ceil(T/2) - 1 rows (position_rows).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.disentangled_bias import scored_rows as position_rows
 from mlm.model import ModelConfig
+
+__all__ = ["PEAK_TFLOPS", "hardware_flops_per_token", "model_flops_per_token", "peak_flops", "position_rows"]
 
 # Dense peak TFLOP/s by a fragment of torch.cuda.get_device_name(), first match wins. "fp32" is the
 # non-tensor-core rate; "tf32" applies when float32 matmuls may use TF32 (--tf32, set_float32_matmul_precision).
@@ -70,12 +74,14 @@ def model_flops_per_token(config: ModelConfig, seq: int, training: bool) -> int:
     return passes * (linear_flops(config) + attention_flops(config, seq) + head_flops(config))
 
 
-def hardware_flops_per_token(config: ModelConfig, seq: int, training: bool, head_rows_fraction: float) -> float:
+def hardware_flops_per_token(config: ModelConfig, seq: int, training: bool, head_rows_fraction: float,
+                             position_rows: int | None = None) -> float:
     """Hardware FLOPs per token: the head on head_rows_fraction of the tokens (the rows it runs on), and
-    DeBERTa's position terms against the whole table of 2k relative positions."""
+    DeBERTa's position terms against position_rows table rows each (default: the whole table of 2k, as
+    transformers computes them; mlm's count is `position_rows(seq)`)."""
     passes = 3 if training else 1
-    table = 2 * config.relative_span if config.position_terms else None
-    return passes * (linear_flops(config) + attention_flops(config, seq, table)
+    rows = (position_rows or 2 * config.relative_span) if config.position_terms else None
+    return passes * (linear_flops(config) + attention_flops(config, seq, rows)
                      + head_rows_fraction * head_flops(config))
 
 

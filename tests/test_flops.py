@@ -1,7 +1,7 @@
 """FLOPs per token (mlm/flops.py) against numbers worked out by hand."""
 
 import math
-from mlm.flops import hardware_flops_per_token, model_flops_per_token
+from mlm.flops import hardware_flops_per_token, model_flops_per_token, position_rows
 from mlm.model import ModelConfig
 
 
@@ -31,6 +31,9 @@ def test_attention_grows_with_the_sequence_and_deberta_adds_its_position_terms()
     assert model_flops_per_token(v3, 128, False) - model_flops_per_token(bert, 128, False) == 2 * 12 * 2 * 768 * 128
     hardware = hardware_flops_per_token(v3, 128, False, 1.0) - hardware_flops_per_token(bert, 128, False, 1.0)
     assert hardware == 2 * 12 * 2 * 768 * 512
+    # mlm's relative shift scores each query against T + T/2 - 1 = 191 rows at T = 128.
+    ours = hardware_flops_per_token(v3, 128, False, 1.0, position_rows(128))
+    assert ours - hardware_flops_per_token(bert, 128, False, 1.0) == 2 * 12 * 2 * 768 * 191
     c2p = ModelConfig(family="deberta-v2", vocab_size=128100, pos_att_type="c2p")
     assert model_flops_per_token(c2p, 128, False) - model_flops_per_token(bert, 128, False) == 12 * 2 * 768 * 128
     # Narrower word embeddings (E = 128): a projection up to C, and a head that works at width E.
