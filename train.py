@@ -28,8 +28,6 @@ import shlex
 import signal
 import sys
 import time
-import tomllib
-import types
 import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -54,6 +52,7 @@ from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
 from mlm.model import DTYPES, MaskedLM, ModelConfig
 from mlm.pipeline import MicroBatch, Prefetcher, batch_source, masking_settings, prepare_data, validation_set
+from mlm.settings import flag_kwargs, read_toml
 from mlm.tokenizer import Tokenizer
 
 
@@ -163,7 +162,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--config", help="TOML file of settings ([model] table for model fields)")
     for name, hint in hints.items():
         if name not in ("model", "preset"):  # a dict of the fields below, and the flag above
-            p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **_flag_kwargs(hint))
+            p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **flag_kwargs(hint))
     args = p.parse_args(argv)
 
     if args.preset not in PRESETS:
@@ -171,17 +170,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     settings: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[args.preset].items()}
     settings["preset"] = args.preset
     if args.config:
-        try:
-            loaded = tomllib.loads(Path(args.config).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read --config {args.config}: {e}") from None
-        for key, value in loaded.items():
-            if key == "model":
-                settings.setdefault("model", {}).update(value)
-            elif key in fields:
-                settings[key] = value
-            else:
-                raise ConfigError(f"unknown setting {key!r} in {args.config}; see TrainConfig in train.py")
+        top, model = read_toml(args.config, fields, "TrainConfig in train.py")
+        settings.update(top)
+        settings.setdefault("model", {}).update(model)
     for name, value in vars(args).items():
         if value is None or name in ("preset", "config"):
             continue
@@ -210,23 +201,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if isinstance(value, str) and value not in EVERY_WORDS:
             raise ConfigError(f"--{name.replace('_', '-')} takes a number of steps or epoch, not {value!r}")
     return cfg
-
-
-def _flag_kwargs(hint) -> dict:
-    """argparse settings for a field's type: `X | None` is an X; lists take one or more values, tuples a fixed
-    count; `int | str` a number or a word (auto, epoch)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if set(typing.get_args(hint)) == {int, str}:
-            return dict(type=lambda value: int(value) if value.lstrip("-").isdigit() else value)
-        hint = next(t for t in typing.get_args(hint) if t is not type(None))
-    origin, parts = typing.get_origin(hint), typing.get_args(hint)
-    if hint is bool:
-        return dict(action=argparse.BooleanOptionalAction)
-    if origin is list:
-        return dict(nargs="+", type=parts[0])
-    if origin is tuple:
-        return dict(nargs=len(parts), type=parts[0])
-    return dict(type=hint)
 
 
 # ============================================================================================= model
