@@ -143,7 +143,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                 raise DataError(f"the glob {text!r} matches no files; check the pattern (quote it in the shell)")
             files += found
         else:
-            raise DataError(f"no such file or folder: {text!r}; check the --data path")
+            raise DataError(f"no such file or folder: {text!r}; check the path given to --data or --eval")
     # A file named twice (a folder and a glob over it) is read once.
     return list(dict.fromkeys(files))
 
