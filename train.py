@@ -498,7 +498,7 @@ class Meter:
             else cfg.mlm_probability
         self.flops = (model_flops_per_token(config, cfg.block_size, training=True),
                       hardware_flops_per_token(config, cfg.block_size, training=True, head_rows_fraction=head_rows,
-                                               position_rows=position_rows(cfg.block_size)))
+                                               table_rows=position_rows(cfg.block_size)))
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=run.job.device)  # non-finite steps in a row
         self.skipped = torch.zeros((), dtype=torch.int64, device=run.job.device)  # since the last report
 

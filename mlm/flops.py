@@ -75,12 +75,12 @@ def model_flops_per_token(config: ModelConfig, seq: int, training: bool) -> int:
 
 
 def hardware_flops_per_token(config: ModelConfig, seq: int, training: bool, head_rows_fraction: float,
-                             position_rows: int | None = None) -> float:
+                             table_rows: int | None = None) -> float:
     """Hardware FLOPs per token: the head on head_rows_fraction of the tokens (the rows it runs on), and
-    DeBERTa's position terms against position_rows table rows each (default: the whole table of 2k, as
-    transformers computes them; mlm's count is `position_rows(seq)`)."""
+    DeBERTa's position terms against table_rows rows of the relative table each (default: the whole table
+    of 2k, as transformers computes them; mlm's count is `position_rows(seq)`)."""
     passes = 3 if training else 1
-    rows = (position_rows or 2 * config.relative_span) if config.position_terms else None
+    rows = (table_rows or 2 * config.relative_span) if config.position_terms else None
     return passes * (linear_flops(config) + attention_flops(config, seq, rows)
                      + head_rows_fraction * head_flops(config))
 
