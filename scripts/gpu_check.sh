@@ -45,6 +45,7 @@ if [[ -n $TOKENIZER ]]; then TRAIN+=(--tokenizer "$TOKENIZER"); fi
 # --------------------------------------------------------------------------------------------- steps
 FAILED=0
 declare -A HELP  # script -> its --help text, read once
+HELP_DIR=""      # in a dry run, where the --help texts were read ahead, in parallel
 
 check_command() {
   # The script a command runs (its first *.py argument) exists and lists every --flag after it in --help.
@@ -56,6 +57,7 @@ check_command() {
   done
   [[ -z $script ]] && return 0
   if [[ ! -f $script ]]; then echo "   missing: $script"; return 1; fi
+  if [[ -z ${HELP[$script]+set} && -f $HELP_DIR/${script//\//_} ]]; then HELP[$script]=$(<"$HELP_DIR/${script//\//_}"); fi
   if [[ -z ${HELP[$script]+set} ]]; then HELP[$script]=$("$PY" "$script" --help 2>&1) || true; fi
   for flag in "${flags[@]}"; do
     if ! grep -qE -- "(^|[][ ,])${flag}([][ ,=]|\$)" <<<"${HELP[$script]}"; then
@@ -91,7 +93,15 @@ run_step() {
 
 if (( DRY_RUN )); then
   echo "dry run: the commands below would run, each logged under $OUT/"
+  # Each --help is a Python start-up of a few seconds: read the scripts' all at once (check_command falls
+  # back to reading one itself for a script not listed here).
+  HELP_DIR=$(mktemp -d)
+  trap 'rm -rf "$HELP_DIR"' EXIT
+  for script in train.py bench.py scripts/kernel_check.py scripts/ddp_check.py; do
+    if [[ -f $script ]]; then "$PY" "$script" --help > "$HELP_DIR/${script//\//_}" 2>&1 & fi
+  done
   markers=$("$PY" -m pytest --markers 2>/dev/null || true)
+  wait
   if ! grep -q "@pytest.mark.cuda:" <<<"$markers"; then
     echo "   pytest has no 'cuda' marker registered"; FAILED=1
   fi

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import stdlib_docstrings
-from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics, run_train
+from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics, run_trains
 
 import mlm.distributed
 from mlm.distributed import Dist, pick_device, setup_distributed
@@ -55,8 +55,8 @@ def test_each_process_sets_its_own_gpu():
 def test_prefetching_changes_no_bit(dataset, tmp_path):
     """The background thread builds the same batches: masks are seeded by position, not by call order."""
     common = ["--data", dataset, *TINY, "--max-steps", "6", "--global-batch-size", "8", "--micro-batch-size", "4"]
-    for name, flag in (("inline", "--no-prefetch"), ("thread", "--prefetch")):
-        done = run_train(*common, flag, "--out", tmp_path / name)
+    for done in run_trains(([*common, "--no-prefetch", "--out", tmp_path / "inline"], 1),
+                           ([*common, "--prefetch", "--out", tmp_path / "thread"], 1)):
         assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights(final_weights(tmp_path / "thread"), final_weights(tmp_path / "inline"), atol=0)
 
@@ -166,8 +166,8 @@ def test_bf16_gradient_all_reduce_trains_close_to_fp32(dataset, tmp_path):
     """--ddp-bf16-grads halves the all-reduce traffic; the update moves by bf16 rounding of the summed
     gradients only (Gloo, 2 ranks)."""
     common = ["--data", dataset, *TINY, "--max-steps", "3", "--global-batch-size", "8", "--dropout", "0"]
-    for name, extra in (("fp32", []), ("bf16", ["--ddp-bf16-grads"])):
-        done = run_train(*common, *extra, "--out", tmp_path / name, nproc=2)
+    for done in run_trains(([*common, "--out", tmp_path / "fp32"], 2),
+                           ([*common, "--ddp-bf16-grads", "--out", tmp_path / "bf16"], 2)):
         assert done.returncode == 0, done.stderr[-3000:]
     fp32, bf16 = final_weights(tmp_path / "fp32"), final_weights(tmp_path / "bf16")
     assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)  # the hook was used

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics
+from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics, run_trains
 
 COMMON = [*TINY, "--max-steps", "24", "--global-batch-size", "8", "--save-every", "10", "--eval-every", "12"]
 
@@ -336,14 +336,13 @@ def test_storage_errors_name_the_cause(tmp_path):
 # ------------------------------------------------------------------------------- the same command
 @pytest.mark.slow
 def test_two_fresh_runs_that_train_their_tokenizer_end_with_the_same_bits(tmp_path):
-    """No --tokenizer: each run trains its WordPiece vocabulary on the corpus, in its own process."""
+    """No --tokenizer: each run trains its WordPiece vocabulary on the corpus, in its own process, both at once."""
     from conftest import stdlib_docstrings
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(stdlib_docstrings()))
     args = ["--data", corpus, *TINY, "--vocab-size", "700", "--max-steps", "5", "--global-batch-size", "4"]
-    for name in ("a", "b"):
-        done = run(*args, "--out", tmp_path / name)
+    for done in run_trains(([*args, "--out", tmp_path / "a"], 1), ([*args, "--out", tmp_path / "b"], 1)):
         assert done.returncode == 0, done.stderr[-3000:]
     a, b = (tmp_path / name for name in ("a", "b"))
     assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()

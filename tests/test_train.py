@@ -45,6 +45,29 @@ def run_train(*args, nproc: int = 1, timeout: int = 300) -> subprocess.Completed
                           timeout=timeout)
 
 
+def run_trains(*runs: tuple[list, int], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Independent runs started together, each given as (args, nproc); results in that order. Every process
+    is one thread (OMP_NUM_THREADS=1), so two cores run two of them in the time of one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = []
+    try:
+        for args, nproc in runs:
+            cmd = train_cmd(*args, nproc=nproc)
+            started.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.PIPE, text=True)))
+        deadline = time.time() + timeout
+        results = []
+        for cmd, proc in started:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
+            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+        return results
+    finally:
+        for _, proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
 def final_weights(out: Path) -> dict:
     return load_file(out / "final" / "model.safetensors")
 
@@ -63,11 +86,11 @@ def metrics(out: Path) -> list[dict]:
 def test_layouts_give_the_same_parameters(dataset, tmp_path):
     """1 process x 8, 1 process x 2 micro-batches of 4, 2 Gloo ranks x 4: the same update every step."""
     common = ["--data", dataset, *TINY, "--max-steps", "6", "--global-batch-size", "8", "--dropout", "0"]
-    runs = {
-        "single": run_train(*common, "--out", tmp_path / "single"),
-        "accumulate": run_train(*common, "--micro-batch-size", "4", "--out", tmp_path / "accumulate"),
-        "ddp": run_train(*common, "--micro-batch-size", "4", "--out", tmp_path / "ddp", nproc=2),
-    }
+    runs = dict(zip(("single", "accumulate", "ddp"), run_trains(
+        ([*common, "--out", tmp_path / "single"], 1),
+        ([*common, "--micro-batch-size", "4", "--out", tmp_path / "accumulate"], 1),
+        ([*common, "--micro-batch-size", "4", "--out", tmp_path / "ddp"], 2),
+    )))
     for name, result in runs.items():
         assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
     single = final_weights(tmp_path / "single")
@@ -160,7 +183,7 @@ def test_metrics_checkpoints_and_exports(dataset, tmp_path):
     assert all(line.split(maxsplit=1)[1].startswith("return a") for line in example[1:])
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["--global-batch-size", "6", "--micro-batch-size", "4"], "not a multiple of world size 1 x micro batch 4"),
     (["--init", "/does/not/exist"], "--init folder '/does/not/exist' does not exist"),
     (["--preset", "imdb"], "pass --init MODEL_DIR"),
@@ -168,14 +191,19 @@ def test_metrics_checkpoints_and_exports(dataset, tmp_path):
     (["--block-size", "4096"], "block_size 4096 exceeds"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--config", "/does/not/exist.toml"], "cannot read --config"),
-])
-def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path, args, message):
-    if "cuda" in " ".join(args) and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    result = run_train("--data", dataset, *TINY, "--max-steps", "2", "--out", tmp_path / "run", *args)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+]
+
+
+def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
+    """Each case in its own process, all started at once."""
+    cases = [(args, message) for args, message in BAD_INPUT
+             if not ("cuda" in " ".join(args) and torch.cuda.is_available())]  # a machine with CUDA has one
+    results = run_trains(*((["--data", dataset, *TINY, "--max-steps", "2", "--out", tmp_path / f"run{i}", *args], 1)
+                           for i, (args, _) in enumerate(cases)))
+    for (args, message), result in zip(cases, results):
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
 
 
 def test_out_folder_of_another_run_is_refused(dataset, tmp_path):
@@ -213,9 +241,9 @@ def test_toml_config_and_flag_precedence(dataset, tmp_path):
 def test_compile_trains_like_eager_with_static_masks(dataset, tmp_path):
     """--compile (inductor on the CPU) takes the static-mask path; eager with --static-masking is its reference."""
     common = ["--data", dataset, *TINY, "--max-steps", "4", "--global-batch-size", "8", "--dropout", "0"]
-    compiled = run_train(*common, "--compile", "--out", tmp_path / "compiled", timeout=600)
+    compiled, eager = run_trains(([*common, "--compile", "--out", tmp_path / "compiled"], 1),
+                                 ([*common, "--static-masking", "--out", tmp_path / "eager"], 1), timeout=600)
     assert compiled.returncode == 0, compiled.stderr[-3000:]
-    eager = run_train(*common, "--static-masking", "--out", tmp_path / "eager")
     assert eager.returncode == 0, eager.stderr[-3000:]
     assert_same_weights(final_weights(tmp_path / "compiled"), final_weights(tmp_path / "eager"), atol=1e-5)
 
@@ -224,8 +252,8 @@ def test_varlen_trains_like_the_dense_document_mask(dataset, tmp_path):
     """Per-document attention through nested tensors (--varlen) gives the updates of the dense (T, T) mask."""
     common = ["--data", dataset, *TINY, "--max-steps", "3", "--global-batch-size", "4", "--doc-attention",
               "--dropout", "0"]
-    runs = {name: run_train(*common, *extra, "--out", tmp_path / name)
-            for name, extra in (("dense", []), ("varlen", ["--varlen"]))}
+    runs = dict(zip(("dense", "varlen"), run_trains(([*common, "--out", tmp_path / "dense"], 1),
+                                                   ([*common, "--varlen", "--out", tmp_path / "varlen"], 1))))
     for name, result in runs.items():
         assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
     assert_same_weights(final_weights(tmp_path / "varlen"), final_weights(tmp_path / "dense"), atol=1e-5)
