@@ -6,7 +6,11 @@ import importlib.util
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,13 +20,54 @@ from mlm.model import FAMILIES  # every family mlm loads; the tests below build 
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked `cuda` on machines without a CUDA GPU."""
+    """Skip tests marked `cuda` on machines without a CUDA GPU; start the Triton-interpreter run if selected."""
+    if any(item.nodeid.endswith(INTERPRETER_TEST) for item in items):
+        start_interpreter_run(config)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernel's tests under TRITON_INTERPRET=1: test_linear_cross_entropy.py again, in a child process
+# (the flag must be set before triton is imported). It takes ~30 s on one thread, so it starts as soon as
+# the selection is known and runs beside the other tests; test_kernel_in_interpreter collects it.
+# ---------------------------------------------------------------------------------------------------
+INTERPRETER_TEST = "test_linear_cross_entropy.py::test_kernel_in_interpreter"
+_interpreter = pytest.StashKey[tuple]()
+
+
+def start_interpreter_run(config) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1" or importlib.util.find_spec("triton") is None:
+        return  # the child itself, or nothing to interpret
+    log = tempfile.NamedTemporaryFile("w+", prefix="interpreter-", suffix=".log", delete=False)
+    here = Path(__file__).parent
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", str(here / "test_linear_cross_entropy.py"), "-q",
+                             "-p", "no:cacheprovider"], env={**os.environ, "TRITON_INTERPRET": "1"},
+                            cwd=here.parent, stdout=log, stderr=subprocess.STDOUT, text=True)
+    config.stash[_interpreter] = (proc, Path(log.name))
+
+
+def interpreter_run(config, timeout: float = 900) -> tuple[int, str]:
+    """The child run's exit status and output, waiting for it (started now if collection did not)."""
+    if _interpreter not in config.stash:
+        start_interpreter_run(config)
+    proc, log = config.stash[_interpreter]
+    proc.wait(timeout=timeout)
+    return proc.returncode, log.read_text()
+
+
+def pytest_sessionfinish(session):
+    """An interpreter run still going (its test deselected by -k, or the session interrupted) is stopped."""
+    proc, log = session.config.stash.get(_interpreter, (None, None))
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,13 +14,11 @@ shape reuses: the fused path as a single `mlm::linear_cross_entropy` node, check
 
 import importlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import interpreter_run
 from kernels import linear_cross_entropy, linear_cross_entropy_ref, triton_available
 
 lce_module = importlib.import_module("kernels.linear_cross_entropy")  # the name alone is the function
@@ -32,16 +30,11 @@ interpreted = pytest.mark.skipif(
 
 
 @pytest.mark.skipif(INTERPRETING or not triton_available(), reason="needs triton; not inside the interpreter run")
-def test_kernel_in_interpreter():
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=Path(__file__).parents[1],
-        capture_output=True,
-        text=True,
-    )
+def test_kernel_in_interpreter(request):
+    """This file again under TRITON_INTERPRET=1, in a child process that conftest.py started at collection."""
+    returncode, output = interpreter_run(request.config)
     # Tests marked `interpreted` cannot skip in there, so exit status 0 means they all ran and passed.
-    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
+    assert returncode == 0, output[-10000:]
 
 
 def make_inputs(N, V, D, dtype, ignored=(), bias=True, weight_grad=True, device="cpu", seed=0):
