@@ -59,12 +59,22 @@ class DistributedError(MLMError):
     """Another rank died, hung, or did not answer within --dist-timeout."""
 
     exit_code = 1
+    # torch's communication threads may still be running after a peer is lost; the interpreter's normal
+    # teardown then destroys them while joinable, and the process aborts (SIGABRT, "terminate called without
+    # an active exception") after the error line. The CLI exits at once instead; every file was already
+    # written whole (mlm/io.py).
+    exit_now = True
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is."""
+def fail(message: str, code: int = 2, now: bool = False) -> NoReturn:
+    """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is.
+    now: skip the interpreter's teardown (os._exit, after flushing the standard streams)."""
     rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     print(f"error{rank}: {message}", file=sys.stderr)
+    if now:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -73,7 +83,7 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except MLMError as e:
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, now=getattr(e, "exit_now", False))
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
