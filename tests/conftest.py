@@ -20,9 +20,7 @@ from mlm.model import FAMILIES  # every family mlm loads; the tests below build 
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked `cuda` on machines without a CUDA GPU; start the Triton-interpreter run if selected."""
-    if any(item.nodeid.endswith(INTERPRETER_TEST) for item in items):
-        start_interpreter_run(config)
+    """Skip tests marked `cuda` on machines without a CUDA GPU."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -38,6 +36,12 @@ def pytest_collection_modifyitems(config, items):
 # ---------------------------------------------------------------------------------------------------
 INTERPRETER_TEST = "test_linear_cross_entropy.py::test_kernel_in_interpreter"
 _interpreter = pytest.StashKey[tuple]()
+
+
+def pytest_collection_finish(session):
+    """Once the selection is final (after -k and -m): start the interpreter run if its test is in it."""
+    if any(item.nodeid.endswith(INTERPRETER_TEST) for item in session.items):
+        start_interpreter_run(session.config)
 
 
 def start_interpreter_run(config) -> None:
@@ -61,7 +65,7 @@ def interpreter_run(config, timeout: float = 900) -> tuple[int, str]:
 
 
 def pytest_sessionfinish(session):
-    """An interpreter run still going (its test deselected by -k, or the session interrupted) is stopped."""
+    """An interpreter run still going (the session stopped early: -x, Ctrl-C) is stopped."""
     proc, log = session.config.stash.get(_interpreter, (None, None))
     if proc is not None:
         if proc.poll() is None:
