@@ -17,6 +17,7 @@ class MLMError(Exception):
     """Base class: a problem with the user's input or machine, not a bug in mlm."""
 
     exit_code = 2
+    exit_now = False  # skip the interpreter's teardown after the error line (see DistributedError)
 
 
 class CheckpointError(MLMError):
@@ -83,7 +84,7 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except MLMError as e:
-        fail(str(e), e.exit_code, now=getattr(e, "exit_now", False))
+        fail(str(e), e.exit_code, now=e.exit_now)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do

@@ -296,9 +296,11 @@ class Attention(nn.Module):
         B, H, T, D = q.shape
         C = H * D
         table = self.rel_dropout(table)  # (R, C)
-        if self.share_att_key:  # the content projections' W_q and W_k, sliced out of the fused QKV: one product
-            pos_q, pos_k = linear(table, self.qkv.weight[: 2 * C], self.qkv.bias[: 2 * C]).split(C, dim=1)  # (R, C)
-            pos_q, pos_k = (pos_q if "p2c" in self.terms else None), (pos_k if "c2p" in self.terms else None)
+        if self.share_att_key:  # the content projections, sliced out of the fused QKV: W_q for p2c, W_k for c2p
+            first, last = (0 if "p2c" in self.terms else C), (2 * C if "c2p" in self.terms else C)
+            pos = linear(table, self.qkv.weight[first:last], self.qkv.bias[first:last])  # (R, C) or both: (R, 2C)
+            pos_q = pos[:, :C] if "p2c" in self.terms else None  # (R, C)
+            pos_k = pos[:, -C:] if "c2p" in self.terms else None  # (R, C)
         else:
             pos_q = self.pos_query(table) if self.pos_query is not None else None  # (R, C)
             pos_k = self.pos_key(table) if self.pos_key is not None else None  # (R, C)
