@@ -17,6 +17,7 @@ class MLMError(Exception):
     """Base class: a problem with the user's input or machine, not a bug in mlm."""
 
     exit_code = 2
+    exit_now = False  # skip the interpreter's teardown after the error line (see DistributedError)
 
 
 class CheckpointError(MLMError):
@@ -59,30 +60,23 @@ class DistributedError(MLMError):
     """Another rank died, hung, or did not answer within --dist-timeout."""
 
     exit_code = 1
+    # torch's communication threads may still be running after a peer is lost; the interpreter's normal
+    # teardown then destroys them while joinable, and the process aborts (SIGABRT, "terminate called without
+    # an active exception") after the error line. The CLI exits at once instead; every file was already
+    # written whole (mlm/io.py).
+    exit_now = True
 
 
-def under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", 1)) > 1
-
-
-def leave(code: int) -> NoReturn:
-    """Exit with `code`. Under torchrun the interpreter's teardown is skipped (os._exit, after flushing the
-    standard streams): torch's communication threads may still be running then, even after
-    destroy_process_group, and destroying them while joinable aborts a process whose work is done (SIGABRT,
-    "terminate called without an active exception", seen after a lost rank and after a clean DDP check).
-    Nothing is lost: every file is written whole and closed as it goes (mlm/io.py)."""
-    if under_torchrun():
+def fail(message: str, code: int = 2, now: bool = False) -> NoReturn:
+    """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is.
+    now: skip the interpreter's teardown (os._exit, after flushing the standard streams)."""
+    rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    print(f"error{rank}: {message}", file=sys.stderr)
+    if now:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is."""
-    rank = f" (rank {os.environ['RANK']})" if under_torchrun() else ""
-    print(f"error{rank}: {message}", file=sys.stderr)
-    leave(code)
 
 
 def run_cli(main: Callable[[], object]) -> None:
@@ -90,15 +84,9 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except MLMError as e:
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, now=e.exit_now)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
-    except SystemExit as e:  # a deliberate exit: preemption's 143 or 130, argparse's 2
-        if under_torchrun():
-            leave(e.code if isinstance(e.code, int) else int(e.code is not None))
-        raise
-    if under_torchrun():
-        leave(0)

@@ -39,7 +39,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as scripts/ddp_check.py
 
-from mlm.errors import leave  # noqa: E402
 from mlm.masking import IGNORE_INDEX, mask_tokens, row_seeds_for  # noqa: E402
 from mlm.model import DTYPES, MaskedLM, ModelConfig  # noqa: E402
 
@@ -192,4 +191,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    leave(main())  # under torchrun: without the interpreter's teardown (see mlm.errors.leave)
+    sys.exit(main())
