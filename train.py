@@ -45,7 +45,7 @@ from mlm.distributed import (
     Dist, StopSignal, agree_max, agree_min, all_reduce_sum, barrier, bf16_all_reduce_hook, is_communication_failure,
     setup_distributed, short,
 )
-from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, run_cli
+from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, exit_without_teardown, run_cli
 from mlm.evaluate import score_blocks, summarize
 from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, position_rows
 from mlm.hf import load_model
@@ -436,6 +436,8 @@ def main() -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if job.world > 1:
+        exit_without_teardown(0)  # a communication thread may still hold tensors: see that function
 
 
 def train(cfg: TrainConfig, job: Dist) -> None:

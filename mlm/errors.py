@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable, NoReturn
@@ -60,22 +61,33 @@ class DistributedError(MLMError):
     """Another rank died, hung, or did not answer within --dist-timeout."""
 
     exit_code = 1
-    # torch's communication threads may still be running after a peer is lost; the interpreter's normal
-    # teardown then destroys them while joinable, and the process aborts (SIGABRT, "terminate called without
-    # an active exception") after the error line. The CLI exits at once instead; every file was already
-    # written whole (mlm/io.py).
-    exit_now = True
+    exit_now = True  # the lost rank's communication threads may still be running: see exit_without_teardown
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Exit with code at once, skipping the interpreter's teardown, after flushing stdout, stderr and logging.
+
+    For a process that ran torch.distributed. Gloo's worker threads release each collective's tensors after
+    the caller has its result, and a thread may still be doing so when the interpreter finalizes. Releasing
+    a tensor whose Python object is gone takes the GIL; a finalizing interpreter answers by ending the
+    thread (pthread_exit), and its unwinding through torch's C++ frames aborts the whole process (SIGABRT,
+    "terminate called without an active exception"; in a core dump: ProcessGroupGloo::runLoop, ~AsyncWork,
+    SavedVariable::reset_data, take_gil, pthread_exit, std::terminate). The same holds after a rank is
+    lost. Every file was already written whole (mlm/io.py), so the teardown has nothing left to do.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def fail(message: str, code: int = 2, now: bool = False) -> NoReturn:
     """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is.
-    now: skip the interpreter's teardown (os._exit, after flushing the standard streams)."""
+    now: skip the interpreter's teardown (exit_without_teardown)."""
     rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     print(f"error{rank}: {message}", file=sys.stderr)
     if now:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_without_teardown(code)
     sys.exit(code)
 
 

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as scripts/ddp_check.py
 
+from mlm.errors import exit_without_teardown  # noqa: E402
 from mlm.masking import IGNORE_INDEX, mask_tokens, row_seeds_for  # noqa: E402
 from mlm.model import DTYPES, MaskedLM, ModelConfig  # noqa: E402
 
@@ -168,11 +169,10 @@ def check(args: argparse.Namespace) -> dict:
         "masked_tokens": int(total.item()), "eager_loss": eager_loss.item(), "tolerance": tol, "steps": steps,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
     }
-    dist.destroy_process_group()
     return result | {"rank": rank}
 
 
-def main() -> int:
+def main() -> None:
     args = parse_args()
     result = check(args)
     if result["rank"] == 0:
@@ -187,8 +187,12 @@ def main() -> int:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if k != "rank"}, indent=1))
-    return 0 if result["ok"] else 1
+    # Every rank has the same verdict (the worst error is all-reduced). The barrier keeps the others from
+    # exiting, and torchrun from stopping rank 0 on a failure, before rank 0 has printed it.
+    dist.barrier()
+    dist.destroy_process_group()
+    exit_without_teardown(0 if result["ok"] else 1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
