@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import Tie, attention, decoder_weight, disentangled_bias, dropout, embedding, linear, linear_cross_entropy
+from kernels import (Tie, attention, decoder_weight, disentangled_bias, dropout, embedding, linear, linear_cross_entropy,
+                     vocab_logits)
 from mlm.errors import ConfigError, InputError
 from mlm.masking import IGNORE_INDEX
 
@@ -462,7 +463,7 @@ class MaskedLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) for hidden states (..., C): any subset of rows, or all of them."""
-        return linear(self.head.transform(hidden), self.embeddings.word.weight, self.head.bias)
+        return vocab_logits(self.head.transform(hidden), self.embeddings.word.weight, self.head.bias)
 
     def forward(
         self,
