@@ -2,8 +2,8 @@
 
 - `linear` (cpu_linear.py): fp32 linear layers on the CPU through oneDNN's GEMM where MKL is not the faster
   (not on Intel CPUs); reference `linear_ref`.
-- `vocab_logits` (cpu_logits.py): the decoder's logits under CPU autocast, a slice of the vocabulary at a
-  time, each slice's weight cast while in cache; reference `vocab_logits_ref`.
+- `vocab_logits` (cpu_logits.py): a large vocabulary's logits under CPU autocast, a slice of it at a time,
+  each slice's weight cast while in cache; reference `vocab_logits_ref`.
 - `dropout` (cpu_dropout.py): dropout on the CPU as a thresholded uniform draw; reference `dropout_ref`.
 - `embedding`, `decoder_weight`, `Tie` (cpu_embedding.py): the word-embedding lookup, whose gradient on the
   CPU goes into the tied decoder's in place; reference `embedding_ref`.

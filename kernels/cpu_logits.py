@@ -11,7 +11,9 @@ in its last bf16 bit.
 
 `vocab_logits` is `vocab_logits_ref` (`kernels.linear`) wherever this does not apply: without CPU autocast
 (an fp32 weight needs no cast), while autograd records (training scores the labelled rows through
-linear_cross_entropy), inside torch.compile, and for a vocabulary of one slice or less.
+linear_cross_entropy), inside torch.compile, and for vocabularies under MIN_WORDS. Below that the table's
+cast is cheap enough that autocast's own way can be the faster: within one autocast context autocast keeps
+the cast of a weight that requires grad, and later calls skip it (BENCHMARKS.md, "DeBERTa-v3").
 
 Shapes: x (..., C), weight (V, C), bias (V,) -> (..., V).
 """
@@ -25,6 +27,7 @@ from .cpu_linear import linear
 vocab_logits_ref = linear  # what the fast path must equal, to bf16 rounding
 
 CHUNK = 8192  # words per slice: 8192 x 768 fp32 is 25 MB, cast to 12.6 MB
+MIN_WORDS = 65536  # deberta-v3 (128,100 words) and larger; not BERT's 30,522 or RoBERTa's 50,265
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -34,7 +37,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         x.device.type == "cpu"
         and torch.is_autocast_enabled("cpu")
         and weight.dtype == torch.float32
-        and weight.shape[0] > CHUNK
+        and weight.shape[0] >= MIN_WORDS
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and x.numel() > 0
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -1,9 +1,9 @@
 """kernels.cpu_logits: the decoder's logits under CPU autocast, a slice of the vocabulary at a time.
 
-The sliced path is the CPU path, so it runs for real here. CHUNK is made small so that a small vocabulary
-has many slices, the last one partial. Its logits must be the reference's to within one bf16 step, no
-further from an fp64 product of the same bf16 operands than the reference's are, and it must step aside
-wherever it does not apply.
+The sliced path is the CPU path, so it runs for real here. CHUNK and MIN_WORDS are made small so that a
+small vocabulary takes it, in many slices, the last one partial. Its logits must be the reference's to
+within one bf16 step, no further from an fp64 product of the same bf16 operands than the reference's are,
+and it must step aside wherever it does not apply.
 """
 
 import pytest
@@ -17,6 +17,7 @@ from mlm.model import MaskedLM, ModelConfig
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch):
     monkeypatch.setattr(cpu_logits, "CHUNK", 64)
+    monkeypatch.setattr(cpu_logits, "MIN_WORDS", 100)
 
 
 def operands(lead=(3, 5), C=48, V=1000, bias=True, seed=0):
@@ -34,7 +35,7 @@ def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lead, V, bias", [((3, 5), 1000, True), ((7,), 65, False), ((2, 1, 4), 640, True)])
+@pytest.mark.parametrize("lead, V, bias", [((3, 5), 1000, True), ((7,), 129, False), ((2, 1, 4), 640, True)])
 def test_sliced_logits_are_the_references_to_one_rounding_step(dtype, lead, V, bias):
     x, w, b = operands(lead, V=V, bias=bias)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
@@ -60,9 +61,9 @@ def test_steps_aside_where_it_does_not_apply():
         vocab_logits(x, wg, b).float().sum().backward()
         assert wg.grad is not None and wg.grad.shape == w.shape
         with torch.no_grad():
-            small = w[:64]  # one slice: nothing to gain
-            assert not cpu_logits.applies(x, small, b[:64])
-            assert torch.equal(vocab_logits(x, small, b[:64]), F.linear(x, small, b[:64]))
+            small = w[:99]  # a vocabulary under MIN_WORDS: autocast's own cast
+            assert not cpu_logits.applies(x, small, b[:99])
+            assert torch.equal(vocab_logits(x, small, b[:99]), F.linear(x, small, b[:99]))
             assert not cpu_logits.applies(x, w.bfloat16(), b)  # a weight already in bf16
 
 
