@@ -18,7 +18,7 @@ class MLMError(Exception):
     """Base class: a problem with the user's input or machine, not a bug in mlm."""
 
     exit_code = 2
-    exit_now = False  # skip the interpreter's teardown after the error line (see DistributedError)
+    exit_now = False  # True: skip the interpreter's teardown after the error line (exit_without_teardown)
 
 
 class CheckpointError(MLMError):
