@@ -5,8 +5,8 @@ memory."""
 
 from __future__ import annotations
 
-import contextlib
 import os
+from unittest import mock
 
 import torch
 
@@ -43,27 +43,13 @@ def bench_cpu_linear(args, tokens: int) -> list[Row]:
         grad = torch.randn(tokens, N, generator=g)
         runs = {"ours": lambda i: fwd_bwd(cpu_linear.linear, inputs, grad),
                 "hf": lambda i: fwd_bwd(cpu_linear.linear_ref, inputs, grad)}
-        with onednn_everywhere():
+        with mock.patch.dict(os.environ, {"MLM_ONEDNN_LINEAR": "1"}):  # the kernel itself, on Intel CPUs too
             times = alternate(runs, args.calls, 2, lambda: None)
         rows += times.stamp([
             Row(section="kernels", size="base", seq=128, dtype="fp32", metric="time", unit="ms",
                 variant=f"linear {where}, {tokens}x{K} @ {K}x{N}", ours=1e3 * times.median("ours"),
                 hf=1e3 * times.median("hf"), higher_is_better=False, device="cpu", batch=tokens // 128)])
     return rows
-
-
-@contextlib.contextmanager
-def onednn_everywhere():
-    """MLM_ONEDNN_LINEAR=1 for the duration: the kernel itself is timed, on Intel CPUs too."""
-    before = os.environ.get("MLM_ONEDNN_LINEAR")
-    os.environ["MLM_ONEDNN_LINEAR"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MLM_ONEDNN_LINEAR"]
-        else:
-            os.environ["MLM_ONEDNN_LINEAR"] = before
 
 
 def bench_linear_cross_entropy(args, device: torch.device, tokens: int) -> list[Row]:

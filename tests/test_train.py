@@ -40,9 +40,7 @@ def train_cmd(*args, nproc: int = 1) -> list[str]:
 
 
 def run_train(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(train_cmd(*args, nproc=nproc), capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=timeout)
+    return run_trains((list(args), nproc), timeout=timeout)[0]
 
 
 def run_trains(*runs: tuple[list, int], timeout: int = 300) -> list[subprocess.CompletedProcess]:
