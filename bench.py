@@ -20,7 +20,7 @@ Sections (`--only`; default all, or train,infer,fillmask with --model):
   fillmask  one sentence through mlm.fill_mask vs transformers.pipeline("fill-mask"), latency.
   collator  mlm.masking.mask_tokens vs DataCollatorForLanguageModeling, blocks/s.
   tokenize  mlm.data.prepare + reading every block vs the bare `tokenizers` encode_batch, seconds.
-  kernels   each kernel in kernels/ vs its plain-PyTorch reference at bert-base's shapes, forward +
+  kernels   each kernel in mlm/kernels/ vs its plain-PyTorch reference at bert-base's shapes, forward +
             backward: on the CPU the oneDNN linear vs F.linear; on CUDA the fused decoder +
             cross-entropy vs the reference (time and peak memory).
 

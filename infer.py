@@ -81,18 +81,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.texts)
-    if args.file:
+    if args.file == "-" or (not args.file and not texts and not sys.stdin.isatty()):
+        texts += lines_of(sys.stdin.buffer.read(), "standard input")
+    elif args.file:
         try:
-            stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+            data = Path(args.file).read_bytes()
         except OSError as e:
             raise InputError(f"cannot read --file {args.file!r}: {e.strerror}") from None
-        with stream:
-            texts += [line.rstrip("\n") for line in stream if line.strip()]
-    elif not texts and not sys.stdin.isatty():
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts += lines_of(data, f"--file {args.file!r}")
     if not texts:
         raise InputError("no text given; pass texts as arguments, --file FILE, or pipe them on stdin")
     return texts
+
+
+def lines_of(data: bytes, name: str) -> list[str]:
+    """The non-blank lines of UTF-8 text; a line in another encoding is an InputError naming it."""
+    lines = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{name} is not UTF-8 text (line {number} has byte 0x{line[e.start]:02x}); convert it, "
+                             "for example with iconv -f latin1 -t utf-8") from None
+        if text.strip():
+            lines.append(text)
+    return lines
 
 
 def print_table(texts: list[str], results: list) -> None:

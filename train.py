@@ -200,6 +200,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         value = getattr(cfg, name)
         if isinstance(value, str) and value not in EVERY_WORDS:
             raise ConfigError(f"--{name.replace('_', '-')} takes a number of steps or epoch, not {value!r}")
+    if cfg.tokenizer_kind not in FAMILY_OF_TOKENIZER:
+        raise ConfigError(f"--tokenizer-kind must be one of {', '.join(FAMILY_OF_TOKENIZER)}, not {cfg.tokenizer_kind!r}")
+    if not cfg.init:  # the model's own settings are checked now, before a tokenizer is trained or data tokenized
+        ModelConfig(**{"family": FAMILY_OF_TOKENIZER[cfg.tokenizer_kind], **cfg.model})
     return cfg
 
 

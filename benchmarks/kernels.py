@@ -1,4 +1,4 @@
-"""Each kernel in kernels/ against the plain-PyTorch reference beside it, forward + backward, at bert-base's
+"""Each kernel in mlm/kernels/ against the plain-PyTorch reference beside it, forward + backward, at bert-base's
 shapes: on the CPU the oneDNN linear against F.linear (oneDNN taken on any CPU here, Intel's too, where
 the model leaves it off); on CUDA the fused decoder + cross-entropy against its reference, time and peak
 memory."""
@@ -11,7 +11,7 @@ from unittest import mock
 import torch
 
 from benchmarks.common import VOCAB_SIZE, Row, alternate, batch_for, synchronizer
-from kernels import cpu_linear, linear_cross_entropy, linear_cross_entropy_ref, triton_available
+from mlm.kernels import cpu_linear, linear_cross_entropy, linear_cross_entropy_ref, triton_available
 
 
 def fwd_bwd(fn, inputs, grad=None) -> None:

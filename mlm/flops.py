@@ -25,14 +25,14 @@ Hardware FLOPs are the matmul work done, in two places different from the model 
     15% of the tokens), transformers' on every row; in inference both run it everywhere;
   - DeBERTa's position terms: transformers scores each query (or key) against every one of the 2k table
     rows and then gathers the T it needs, 2 x L x C x 2k per term, not C T; mlm's relative shift
-    (kernels/disentangled_bias.py) scores it against T + ceil(T/2) - 1 rows (position_rows).
+    (mlm/kernels/disentangled_bias.py) scores it against T + ceil(T/2) - 1 rows (position_rows).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.disentangled_bias import scored_rows as position_rows
+from mlm.kernels.disentangled_bias import scored_rows as position_rows
 from mlm.model import ModelConfig
 
 __all__ = ["PEAK_TFLOPS", "hardware_flops_per_token", "model_flops_per_token", "peak_flops", "position_rows"]

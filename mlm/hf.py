@@ -376,9 +376,11 @@ def state_dict_from_hf(
             problem += f": its keys are {found} (is model_type in config.json right?)"
         raise CheckpointError(f"{problem}; missing keys: {_summarise(missing)}")
     shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()}
-    wrong = [f"{k} {have} vs {want}" for k, (have, want) in shapes.items() if have != want]
+    wrong = [f"{'+'.join(wanted[k])} {have} vs {want}" for k, (have, want) in shapes.items() if have != want]
     if wrong:
-        raise CheckpointError(f"shape mismatch between checkpoint and config.json: {'; '.join(wrong)}")
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise CheckpointError(f"{len(wrong)} tensors do not have the shapes config.json gives them: "
+                              f"{'; '.join(wrong[:3])}{more}; the folder mixes files of two models")
     unused = [k for k in hf_state if k not in used]
     if unused:
         log.info("ignored %d unused checkpoint keys (%s)", len(unused), _summarise(unused))

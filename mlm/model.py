@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import (Tie, attention, decoder_weight, disentangled_bias, dropout, embedding, linear, linear_cross_entropy,
+from mlm.kernels import (Tie, attention, decoder_weight, disentangled_bias, dropout, embedding, linear, linear_cross_entropy,
                      vocab_logits)
 from mlm.errors import ConfigError, InputError
 from mlm.masking import IGNORE_INDEX
@@ -122,14 +122,14 @@ class ModelConfig:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) by kernels/cpu_linear.py: oneDNN for fp32 on the CPU."""
+    """nn.Linear (same parameters, same state-dict keys) by mlm/kernels/cpu_linear.py: oneDNN for fp32 on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (same `p`, same train/eval switch) by kernels/cpu_dropout.py: a cheaper draw on the CPU."""
+    """nn.Dropout (same `p`, same train/eval switch) by mlm/kernels/cpu_dropout.py: a cheaper draw on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
@@ -291,7 +291,7 @@ class Attention(nn.Module):
         p2c's row is derived from transformers' code, which the checkpoints were trained with: it gathers row
         S - d(j, i) of k_j's products; d is odd (bucketing keeps the sign), so that is S + d(i, j), the row
         c2p uses (the paper writes delta(j, i) for p2c). The scale goes in before the products, so fp16
-        holds them where the unscaled products would overflow. kernels/disentangled_bias.py computes both
+        holds them where the unscaled products would overflow. mlm/kernels/disentangled_bias.py computes both
         without a gather.
         """
         B, H, T, D = q.shape
@@ -423,7 +423,7 @@ class MaskedLM(nn.Module):
         doc_ids (B, T): document number of each token in a packed block; tokens attend only within their
         own document (padding, given its own id such as -1, is then a document of its own). Absolute
         positions still count from the start of the block; DeBERTa's relative ones need no such care.
-        tie: links the word lookup to the caller's decoder (kernels/cpu_embedding.py).
+        tie: links the word lookup to the caller's decoder (mlm/kernels/cpu_embedding.py).
         """
         B, T = input_ids.shape
         if T > self.config.max_tokens:

@@ -8,12 +8,16 @@ file layer and refuses keys that no field has.
 from __future__ import annotations
 
 import argparse
-import tomllib
 import types
 import typing
 from pathlib import Path
 
 from mlm.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published before 3.11 took it in as tomli
+    import tomli as tomllib
 
 
 def flag_kwargs(hint) -> dict:

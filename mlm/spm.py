@@ -4,19 +4,20 @@ A DeBERTa-v2/v3 folder carries its vocabulary as `spm.model`, a SentencePiece `M
 binary format, plus `tokenizer_config.json` and `added_tokens.json` (`[MASK]`, numbered after the pieces).
 Neither `sentencepiece` nor `protobuf` is needed to use it: a small reader of the wire format takes out the
 pieces and scores, and the pipeline is rebuilt the way transformers 5's `DebertaV2Tokenizer` builds it, so
-the ids equal `AutoTokenizer.from_pretrained(folder)`'s:
+the ids equal SentencePiece's own (and `AutoTokenizer.from_pretrained(folder)`'s from transformers 5.25 on):
 
-    normalizer      [lower-case] -> each \\n \\r \\t, and each run of 2+ whitespace, to one space -> NFC
-                    -> strip the right end
+    normalizer      [lower-case] -> the model's own normaliser (its precompiled NFKC table, `nmt_nfkc`)
+                    -> strip the right end -> each run of 2+ spaces to one
     pre-tokenizer   [punctuation split off] -> Metaspace: a space becomes "▁", every word starts with one
     model           Unigram over the pieces' scores (the most likely split), unknown characters -> [UNK]
     post-processor  [CLS] A [SEP]  and  [CLS] A [SEP] B [SEP]
     decoder         Metaspace: "▁" back to a space, the leading one dropped
 
-Where this differs from SentencePiece itself, it is transformers 5 that we follow: the model's own
-normaliser (its precompiled NFKC table `nmt_nfkc`, in `precompiled_charsmap`) is not applied, so "ﬁ" or a
-full-width "Ａ" stay as they are and fall to [UNK] when no piece holds them; SentencePiece and transformers 4
-fold them. The normaliser fields are still read, so a caller can see what the model was trained with.
+The normaliser is SentencePiece's: the model was trained on text it had normalised, so "…" becomes "...",
+a full-width "Ａ" an "A" and "ﬁ" "fi", as SentencePiece itself and transformers 4 and 5.25+ tokenize them.
+transformers 5.0 to 5.24 left the precompiled table out and tokenize such text differently (to [UNK] where
+no piece holds the character). A model whose spm.model carries no table (normaliser `identity`) gets
+transformers' whitespace rules and NFC instead, as every transformers 5 version gives it.
 
 Whole-word masking: Metaspace splits the text into words, each beginning with "▁", and `Encoding.word_ids`
 numbers them, so a token starts a word exactly when it starts with "▁" (or is an added token such as [MASK]).
@@ -24,6 +25,7 @@ numbers them, so a token starts a word exactly when it starts with "▁" (or is 
 
 from __future__ import annotations
 
+import base64
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,13 +231,13 @@ def build_from_spm(folder: str | Path) -> tuple[Backend, dict[str, str], dict]:
     unk = (named["unk"].content, 0.0)
     unk_id = vocab.index(unk) if unk in vocab else spm.unk_id
     backend = Backend(models.Unigram(vocab, unk_id=unk_id, byte_fallback=False))
-    set_deberta_pipeline(backend, **flags)
+    set_deberta_pipeline(backend, **flags, charsmap=spm.precompiled_charsmap)
 
     # Added in transformers' order: the declared tokens, then named and extra special tokens still missing,
-    # then the model's control pieces (special) and user-defined pieces (not special), which keep their ids.
+    # then the model's control pieces (special), which keep their ids. User-defined pieces stay with the
+    # model, matched inside the normalised text as SentencePiece matches them (after a word's "▁").
     tokens, seen = [], set()
-    pieces = [AddedToken(p, normalized=False, special=kind == CONTROL)
-              for p, _, kind in spm.pieces if kind in (CONTROL, USER_DEFINED)]
+    pieces = [AddedToken(p, normalized=False, special=True) for p, _, kind in spm.pieces if kind == CONTROL]
     for token in [t for _, t in declared] + list(named.values()) + extras + pieces:
         if token.content not in seen:
             seen.add(token.content)
@@ -260,20 +262,27 @@ def build_from_spm(folder: str | Path) -> tuple[Backend, dict[str, str], dict]:
 
 
 def set_deberta_pipeline(
-    backend: Backend, *, do_lower_case: bool, split_by_punct: bool, add_prefix_space: bool
+    backend: Backend, *, do_lower_case: bool, split_by_punct: bool, add_prefix_space: bool, charsmap: bytes = b""
 ) -> None:
-    """Normaliser, pre-tokenizer and decoder as transformers 5's DebertaV2Tokenizer sets them from its flags.
+    """Normaliser, pre-tokenizer and decoder as transformers' DebertaV2Tokenizer sets them from its flags.
 
-    transformers applies this to a DeBERTa tokenizer.json as well, keeping only that file's vocabulary,
-    added tokens and post-processor; a file written by transformers 4 (with SentencePiece's precompiled
-    normaliser) therefore tokenizes differently in transformers 5 unless this is applied.
+    charsmap: the spm.model's precompiled normaliser (SentencePiece's own normalisation); empty for a
+    vocabulary trained here, which normalises by NFC. transformers applies this to a DeBERTa tokenizer.json
+    as well, keeping that file's vocabulary, added tokens, post-processor and precompiled table.
     """
     steps = [normalizers.Lowercase()] if do_lower_case else []
-    steps += [
-        normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "),
-        normalizers.NFC(),
-        normalizers.Strip(left=False, right=True),
-    ]
+    if charsmap:
+        steps += [
+            normalizers.Precompiled(charsmap),
+            normalizers.Strip(left=False, right=True),
+            normalizers.Replace(Regex(r" {2,}"), " "),
+        ]
+    else:
+        steps += [
+            normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "),
+            normalizers.NFC(),
+            normalizers.Strip(left=False, right=True),
+        ]
     backend.normalizer = normalizers.Sequence(steps)
     # "always" puts a "▁" before every piece of text between added tokens, "first" only at the very start.
     scheme = "always" if add_prefix_space else "first"
@@ -281,6 +290,16 @@ def set_deberta_pipeline(
     metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
     backend.pre_tokenizer = pre_tokenizers.Sequence([*splits, metaspace])
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
+
+
+def precompiled_charsmap(tokenizer_json: dict) -> bytes:
+    """The precompiled normaliser table in a tokenizer.json's normaliser, b"" when it has none."""
+    normalizer = tokenizer_json.get("normalizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    for step in steps:
+        if step.get("type") == "Precompiled" and step.get("precompiled_charsmap"):
+            return base64.b64decode(step["precompiled_charsmap"])
+    return b""
 
 
 def _content(value) -> str:

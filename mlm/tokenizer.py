@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, norma
 
 from mlm.errors import TokenizerError
 from mlm.io import atomic_write, read_json
-from mlm.spm import SAVE_CONFIG_KEYS, build_from_spm, set_deberta_pipeline
+from mlm.spm import SAVE_CONFIG_KEYS, build_from_spm, precompiled_charsmap, set_deberta_pipeline
 
 ROLES = ("mask", "pad", "cls", "sep", "unk")
 DEFAULT_SPECIALS = {
@@ -100,10 +100,12 @@ class Tokenizer:
             backend.no_truncation()
             kind = _kind_of(backend)
             if kind == "unigram" and str(config.get("tokenizer_class", "")).startswith("DebertaV2"):
-                # transformers keeps only the vocabulary and added tokens, and rebuilds the rest from the flags.
+                # transformers keeps the vocabulary, added tokens and precompiled normaliser table, and
+                # rebuilds the rest from the flags.
+                charsmap = precompiled_charsmap(json.loads(backend.to_str()))
                 set_deberta_pipeline(backend, do_lower_case=config.get("do_lower_case", False),
                                      split_by_punct=config.get("split_by_punct", False),
-                                     add_prefix_space=config.get("add_prefix_space", True))
+                                     add_prefix_space=config.get("add_prefix_space", True), charsmap=charsmap)
         elif (folder / "spm.model").is_file():  # DeBERTa-v2/v3 folders ship only the SentencePiece model
             backend, specials, extra = build_from_spm(folder)
             return cls(backend, specials, model_max_length=_model_max_length(config), extra_config=extra)

@@ -90,7 +90,7 @@ def loss_and_grads(fn, leaves, targets, dtype, mode):
 
 
 def fused(hidden, weight, bias, targets):
-    from kernels import linear_cross_entropy
+    from mlm.kernels import linear_cross_entropy
 
     return linear_cross_entropy(hidden, weight, bias, targets, use_triton=True)
 
@@ -123,7 +123,7 @@ def timed(fn, args: argparse.Namespace, device: torch.device) -> tuple[float, fl
 
 
 def check_case(args, V: int, dtype_name: str, mode: str, case: str, device: torch.device) -> dict:
-    from kernels import linear_cross_entropy_ref as reference
+    from mlm.kernels import linear_cross_entropy_ref as reference
 
     N = 0 if case == "empty" else args.rows
     values, targets = make_inputs(N, V, args.hidden, case == "all-ignored", device, args.seed)

@@ -1,4 +1,4 @@
-"""kernels.cpu_attention: the written-out CPU attention against F.scaled_dot_product_attention.
+"""mlm.kernels.cpu_attention: the written-out CPU attention against F.scaled_dot_product_attention.
 
 Without dropout the written-out math must be SDPA, forward and every gradient, with its error against
 fp64 within 2x of SDPA's own in fp32. With dropout, re-seeding reproduces the keep mask the kernel drew;
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from kernels import attention, attention_ref, cpu_attention
+from mlm.kernels import attention, attention_ref, cpu_attention
 from mlm.model import MaskedLM, ModelConfig
 
 # (B, H, T, D, mask): odd and prime sizes; a boolean mask (True = may attend) or a float bias.

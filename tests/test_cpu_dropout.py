@@ -1,4 +1,4 @@
-"""kernels.cpu_dropout: the thresholded-uniform dropout against F.dropout.
+"""mlm.kernels.cpu_dropout: the thresholded-uniform dropout against F.dropout.
 
 The two draw different masks from the same seed, so they are compared as distributions. Over n
 independent elements the kept fraction has standard deviation sqrt(p (1 - p) / n), and the mean of
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import dropout, dropout_ref
+from mlm.kernels import dropout, dropout_ref
 
 N = 1_000_000
 

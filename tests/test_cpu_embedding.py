@@ -1,4 +1,4 @@
-"""kernels.cpu_embedding: the lookup's gradient joins the tied decoder's in place, and equals the plain one.
+"""mlm.kernels.cpu_embedding: the lookup's gradient joins the tied decoder's in place, and equals the plain one.
 
 A weight used twice, by the lookup and by a decoder matmul, with repeated ids and the padding row: .grad
 must equal what F.embedding and the bare weight give, to fp32 rounding, and be written once (no (V, C)
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mlm.model
-from kernels import Tie, decoder_weight, embedding, embedding_ref
+from mlm.kernels import Tie, decoder_weight, embedding, embedding_ref
 from mlm.model import MaskedLM, ModelConfig
 
 V, C, PAD = 101, 13, 0

@@ -1,4 +1,4 @@
-"""kernels.cpu_linear: oneDNN's fp32 GEMM for linear layers, against F.linear, forward and every gradient.
+"""mlm.kernels.cpu_linear: oneDNN's fp32 GEMM for linear layers, against F.linear, forward and every gradient.
 
 The fast path is the CPU path, so these tests run it for real (no interpreter needed). Its error against
 an fp64 reference must stay within a small factor of F.linear's own fp32 error.
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear, linear
+from mlm.kernels import cpu_linear, linear
 from mlm.model import MaskedLM, ModelConfig
 
 onednn = pytest.mark.skipif(cpu_linear._op is None, reason="this torch build has no oneDNN (mkldnn)")

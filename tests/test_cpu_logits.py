@@ -1,4 +1,4 @@
-"""kernels.cpu_logits: the decoder's logits under CPU autocast, a slice of the vocabulary at a time.
+"""mlm.kernels.cpu_logits: the decoder's logits under CPU autocast, a slice of the vocabulary at a time.
 
 The sliced path is the CPU path, so it runs for real here. CHUNK and MIN_WORDS are made small so that a
 small vocabulary takes it, in many slices, the last one partial. Its logits must be the reference's to
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_logits, vocab_logits
+from mlm.kernels import cpu_logits, vocab_logits
 from mlm.model import MaskedLM, ModelConfig
 
 

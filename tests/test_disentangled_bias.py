@@ -1,4 +1,4 @@
-"""kernels.disentangled_bias: DeBERTa's position terms by a relative shift, against the gather reference.
+"""mlm.kernels.disentangled_bias: DeBERTa's position terms by a relative shift, against the gather reference.
 
 Forward and every gradient (q, k, pos_q, pos_k) on awkward shapes: one token, primes, one head, odd head
 dims, indices with log buckets and clamping (several distances on one row), one term or both, q and k as
@@ -9,7 +9,7 @@ of the reference's own (plus a few ulps); in bf16 within 2x of what the referenc
 import pytest
 import torch
 
-from kernels import disentangled_bias, disentangled_bias_ref
+from mlm.kernels import disentangled_bias, disentangled_bias_ref
 from mlm.model import ModelConfig, RelativePositions
 
 # (B, H, T, D, buckets, max_relative_positions, terms)

@@ -108,9 +108,12 @@ def test_cli_reads_stdin_and_files_and_prints_a_table(hf_checkpoints, tmp_path):
     (["--model", "/does/not/exist", "a [MASK]"], "does not exist"),
     (["--model", "{bert}", "--top-k", "0", "a [MASK]"], "top_k must be at least 1"),
     (["--model", "{bert}", "--file", "/does/not/exist.txt"], "cannot read --file"),
+    (["--model", "{bert}", "--file", "{latin1}"], "latin1.txt' is not UTF-8 text (line 2 has byte 0xe9)"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_2(hf_checkpoints, args, message):
-    out = run_infer(*[a.format(bert=hf_checkpoints["bert"]) for a in args])
+def test_cli_bad_input_is_one_line_and_exit_2(hf_checkpoints, tmp_path, args, message):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("The [MASK] is open.\nThe café is [MASK].\n".encode("latin-1"))
+    out = run_infer(*[a.format(bert=hf_checkpoints["bert"], latin1=latin1) for a in args])
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

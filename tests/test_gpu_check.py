@@ -62,7 +62,7 @@ def test_dry_run_names_existing_scripts_and_flags(tmp_path):
 @pytest.mark.slow
 def test_dry_run_fails_on_a_flag_the_script_does_not_take(tmp_path):
     # A copy of the repository (links) whose gpu_check.sh passes train.py a flag it does not have.
-    for name in ("train.py", "bench.py", "benchmarks", "mlm", "kernels", "tests", "pyproject.toml"):
+    for name in ("train.py", "bench.py", "benchmarks", "mlm", "tests", "pyproject.toml"):
         (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / "scripts").mkdir()
     for name in ("kernel_check.py", "ddp_check.py"):

@@ -204,6 +204,16 @@ def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
 
 
+def test_a_bad_model_setting_is_refused_before_any_work(tmp_path):
+    """No tokenizer trained, no corpus tokenized, no folder made: the flag is checked first."""
+    env = {**os.environ, "MLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(train_cmd("--family", "nope", "--out", tmp_path / "run"), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: unknown model family 'nope'; use one of bert, roberta, distilbert, deberta-v2"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 def test_out_folder_of_another_run_is_refused(dataset, tmp_path):
     args = ["--data", dataset, *TINY, "--max-steps", "2", "--out", tmp_path / "run"]
     assert run_train(*args).returncode == 0

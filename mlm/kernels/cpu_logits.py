@@ -9,7 +9,7 @@ go straight into their columns of the one (M, V) output. Same math (the same bf1
 accumulation); only the matmul's blocking follows the slices, so a logit can differ from the reference's
 in its last bf16 bit.
 
-`vocab_logits` is `vocab_logits_ref` (`kernels.linear`) wherever this does not apply: without CPU autocast
+`vocab_logits` is `vocab_logits_ref` (`mlm.kernels.linear`) wherever this does not apply: without CPU autocast
 (an fp32 weight needs no cast), while autograd records (training scores the labelled rows through
 linear_cross_entropy), inside torch.compile, and for vocabularies under MIN_WORDS. Below that the table's
 cast is cheap enough that autocast's own way can be the faster: within one autocast context autocast keeps
