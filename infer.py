@@ -38,6 +38,7 @@ from tqdm import tqdm
 import mlm
 from mlm import data as mdata
 from mlm.corpus import DOC_SPLITS, Corpus
+from mlm.data import Batch
 from mlm.errors import CheckpointError, ConfigError, DataError, InputError, run_cli
 from mlm.evaluate import full_logits, score_blocks, summarize
 from mlm.fillmask import fill_mask
@@ -200,17 +201,18 @@ def score_corpus(args: argparse.Namespace, tokenizer: mlm.Tokenizer, splits: lis
         for blocks in splits:
             for start in range(0, min(len(blocks), n - first), args.batch_size):
                 index = np.arange(start, min(start + args.batch_size, len(blocks), n - first))  # (B,)
-                batch = blocks.get(index)
-                batch["masked_ids"], batch["labels"] = mask_eval_blocks(
-                    batch["input_ids"], seed=args.seed, block_indices=torch.from_numpy(first + index),
-                    attention_mask=batch["attention_mask"],
-                    word_starts=batch["word_starts"] if args.whole_word_mask else None, **masking)
-                del batch["doc_ids"]  # attention spans the whole block, as train.py's default and transformers'
+                block = blocks.get(index)
+                masked, labels = mask_eval_blocks(
+                    block["input_ids"], seed=args.seed, block_indices=torch.from_numpy(first + index),
+                    attention_mask=block["attention_mask"],
+                    word_starts=block["word_starts"] if args.whole_word_mask else None, **masking)
+                # Attention spans the whole block (no doc_ids), as train.py's default and transformers'.
+                batch = Batch(masked, labels, block["attention_mask"])
                 ours += score_blocks(model, batch, batch_size=args.batch_size).cpu()
                 if reference is not None:
                     theirs += score_blocks(reference, batch, batch_size=min(args.batch_size, REFERENCE_BATCH),
                                            logits_fn=full_logits).cpu()
-                input_tokens += int(batch["attention_mask"].sum())
+                input_tokens += int(block["attention_mask"].sum())
                 bar.update(len(index))
             first += len(blocks)
     return ours, theirs, n, input_tokens

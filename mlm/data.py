@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -405,6 +405,26 @@ def default_dataset(
         pass
     prepare(default_corpus(), folder, tokenizer, progress=progress)
     return folder
+
+
+# ================================================================================ a batch
+class Batch(NamedTuple):
+    """Masked blocks as the model takes them: one type for training, validation and `infer.py --eval`."""
+
+    input_ids: torch.Tensor  # (B, T) the masked ids the model sees
+    labels: torch.Tensor  # (B, T) the original ids where masked, IGNORE_INDEX elsewhere
+    attention_mask: torch.Tensor | None = None  # (B, T) 1 on real tokens; None: all real (training blocks)
+    doc_ids: torch.Tensor | None = None  # (B, T) with doc_attention: attention kept within documents
+
+    def rows(self, rows: slice) -> Batch:
+        return Batch(*(None if t is None else t[rows] for t in self))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        # non_blocking: from pinned memory the copy overlaps the compute already queued on the GPU.
+        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> Batch:
+        return Batch(*(None if t is None else t.pin_memory() for t in self))
 
 
 # ================================================================================ 3. packed blocks

@@ -17,38 +17,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlm.data import Batch
 from mlm.errors import ConfigError, InputError
 from mlm.masking import IGNORE_INDEX
 from mlm.model import MaskedLM
 
-# (model, masked_ids, attention_mask, labels, doc_ids) -> (logits (N, V), targets (N,)) at the labelled positions.
-LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
-                    tuple[torch.Tensor, torch.Tensor]]
+# (model, batch) -> (logits (N, V), targets (N,)) at the labelled positions.
+LogitsFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
-def labelled_logits(model: MaskedLM, ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                    doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_logits(model: MaskedLM, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Our model's logits at the labelled positions only: the head never sees the ~85% that are not scored."""
-    hidden, targets = model.labelled_rows(model.encode(ids, attention_mask, doc_ids=doc_ids), labels)  # (N, C), (N,)
-    return model.logits(hidden), targets  # (N, V), (N,)
+    hidden = model.encode(batch.input_ids, batch.attention_mask, doc_ids=batch.doc_ids)  # (B, T, C)
+    rows, targets = model.labelled_rows(hidden, batch.labels)  # (N, C), (N,)
+    return model.logits(rows), targets  # (N, V), (N,)
 
 
-def full_logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def full_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Any model whose call returns (B, T, V) logits, or an object with `.logits` (a transformers
     `*ForMaskedLM`), kept at the labelled positions. It has no notion of documents: doc_ids must be None."""
-    if doc_ids is not None:
+    if batch.doc_ids is not None:
         raise InputError("full_logits cannot keep attention inside documents; score without doc_ids")
-    out = model(input_ids=ids, attention_mask=attention_mask)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     logits = getattr(out, "logits", out)  # (B, T, V)
-    picked = labels != IGNORE_INDEX  # (B, T)
-    return logits[picked], labels[picked]  # (N, V), (N,)
+    picked = batch.labels != IGNORE_INDEX  # (B, T)
+    return logits[picked], batch.labels[picked]  # (N, V), (N,)
 
 
 @torch.no_grad()
 def score_blocks(
     model: nn.Module,
-    blocks: dict[str, torch.Tensor],
+    blocks: Batch,
     *,
     rows: range | None = None,
     batch_size: int = 32,
@@ -57,24 +56,22 @@ def score_blocks(
 ) -> torch.Tensor:
     """Sums over every labelled token of blocks[rows]: float64 [loss_sum, correct, count] on the model's device.
 
-    blocks holds "masked_ids", "attention_mask" and "labels" (B, T), as `mask_eval_blocks` makes them, and
-    may hold "doc_ids" (B, T) for attention kept inside documents. rows (default: all) is the share to
-    score, in micro-batches of batch_size blocks; autocast is a context manager (torch.autocast) or None.
+    blocks are masked (`mask_eval_blocks`), with doc_ids for attention kept inside documents. rows (default:
+    all) is the share to score, in micro-batches of batch_size blocks; autocast is a context manager
+    (torch.autocast) or None.
     The model is scored in eval mode (no dropout) and put back in the mode it was in.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
-    rows = range(blocks["labels"].shape[0]) if rows is None else rows
+    rows = range(blocks.labels.shape[0]) if rows is None else rows
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for start in range(rows.start, rows.stop, batch_size):
-        batch = slice(start, min(start + batch_size, rows.stop))
-        ids, attention, labels = (blocks[k][batch].to(device) for k in ("masked_ids", "attention_mask", "labels"))
-        doc_ids = blocks["doc_ids"][batch].to(device) if "doc_ids" in blocks else None
+        batch = blocks.rows(slice(start, min(start + batch_size, rows.stop))).to(device)
         with autocast or nullcontext():
-            logits, targets = logits_fn(model, ids, attention, labels, doc_ids)  # (N, V), (N,)
+            logits, targets = logits_fn(model, batch)  # (N, V), (N,)
         logits = logits.float()  # the loss in fp32 whatever the compute dtype
         totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
         totals[1] += (logits.argmax(-1) == targets).sum()

@@ -25,17 +25,17 @@ Hardware FLOPs are the matmul work done, in two places different from the model 
     15% of the tokens), transformers' on every row; in inference both run it everywhere;
   - DeBERTa's position terms: transformers scores each query (or key) against every one of the 2k table
     rows and then gathers the T it needs, 2 x L x C x 2k per term, not C T; mlm's relative shift
-    (mlm/kernels/disentangled_bias.py) scores it against T + ceil(T/2) - 1 rows (position_rows).
+    (mlm/kernels/disentangled_bias.py) scores it against T + ceil(T/2) - 1 rows: the caller passes the
+    count for the kernel it installed (`mlm.kernels.position_rows`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mlm.kernels.disentangled_bias import scored_rows as position_rows
 from mlm.model import ModelConfig
 
-__all__ = ["PEAK_TFLOPS", "hardware_flops_per_token", "model_flops_per_token", "peak_flops", "position_rows"]
+__all__ = ["PEAK_TFLOPS", "hardware_flops_per_token", "model_flops_per_token", "peak_flops"]
 
 # Dense peak TFLOP/s by a fragment of torch.cuda.get_device_name(), first match wins. "fp32" is the
 # non-tensor-core rate; "tf32" applies when float32 matmuls may use TF32 (--tf32, set_float32_matmul_precision).
@@ -43,28 +43,29 @@ PEAK_TFLOPS = {
     "H100 PCIe": {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51},
     "H100 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},
     "H100": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},  # SXM
-    "H200": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},  # the H100 SXM's compute, more memory
+    "H200 NVL": {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60},  # before "H200": the first match wins
+    "H200": {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67},  # SXM: the H100 SXM's compute, more memory
     "A100": {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5},
 }
 
 
 def linear_flops(config: ModelConfig) -> int:
     """Forward FLOPs per token of the linear layers: the blocks', and the embeddings' projection if any."""
-    C, I, E = config.hidden_size, config.intermediate_size, config.embedding_size or config.hidden_size
+    C, I, E = config.hidden_size, config.intermediate_size, config.embedding_size
     return config.num_layers * 2 * (4 * C * C + 2 * C * I) + (2 * E * C if E != C else 0)
 
 
-def attention_flops(config: ModelConfig, seq: int, scored_rows: int | None = None) -> int:
+def attention_flops(config: ModelConfig, seq: int, position_rows: int | None = None) -> int:
     """Forward FLOPs per token of the attention products: content scores and weighted sum over seq keys, and
-    each DeBERTa position term against scored_rows positions (default seq: one per query-key pair)."""
+    each DeBERTa position term against position_rows rows of the table (default seq: one per query-key pair)."""
     C, terms = config.hidden_size, len(config.position_terms)
-    scored_rows = seq if scored_rows is None else scored_rows
-    return config.num_layers * 2 * C * (2 * seq + terms * scored_rows)
+    position_rows = seq if position_rows is None else position_rows
+    return config.num_layers * 2 * C * (2 * seq + terms * position_rows)
 
 
 def head_flops(config: ModelConfig) -> int:
     """Forward FLOPs of the MLM head for one row: the transform and the full-vocabulary decoder."""
-    C, E = config.hidden_size, config.embedding_size or config.hidden_size
+    C, E = config.hidden_size, config.embedding_size
     return 2 * (C * E + E * config.vocab_size)
 
 
@@ -75,12 +76,12 @@ def model_flops_per_token(config: ModelConfig, seq: int, training: bool) -> int:
 
 
 def hardware_flops_per_token(config: ModelConfig, seq: int, training: bool, head_rows_fraction: float,
-                             table_rows: int | None = None) -> float:
+                             position_rows: int | None = None) -> float:
     """Hardware FLOPs per token: the head on head_rows_fraction of the tokens (the rows it runs on), and
-    DeBERTa's position terms against table_rows rows of the relative table each (default: the whole table
-    of 2k, as transformers computes them; mlm's count is `position_rows(seq)`)."""
+    DeBERTa's position terms against position_rows rows of the relative table each (default: the whole
+    table of 2k, as transformers and mlm's plain model compute them; mlm's kernel: its `position_rows(seq)`)."""
     passes = 3 if training else 1
-    rows = (table_rows or 2 * config.relative_span) if config.position_terms else None
+    rows = (position_rows or 2 * config.relative_span) if config.position_terms else None
     return passes * (linear_flops(config) + attention_flops(config, seq, rows)
                      + head_rows_fraction * head_flops(config))
 

@@ -25,42 +25,43 @@ from safetensors import safe_open
 from mlm.distributed import check_device
 from mlm.errors import CheckpointError, UnsupportedModelError
 from mlm.io import atomic_write
+from mlm.kernels import install
 from mlm.model import MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
 
 log = logging.getLogger("mlm")
 
 BERT_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
-    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
-    "{base}embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
-    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
+    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
+    "{base}embeddings.token_type_embeddings.weight": "encoder.embeddings.token_type.weight",
+    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
     "{base}embeddings.position_ids": None,  # buffers that older transformers versions saved
     "{base}embeddings.token_type_ids": None,
     ("{base}encoder.layer.{i}.attention.self.query.weight",
      "{base}encoder.layer.{i}.attention.self.key.weight",
-     "{base}encoder.layer.{i}.attention.self.value.weight"): "blocks.{i}.attn.qkv.weight",
+     "{base}encoder.layer.{i}.attention.self.value.weight"): "encoder.blocks.{i}.attn.qkv.weight",
     ("{base}encoder.layer.{i}.attention.self.query.bias",
      "{base}encoder.layer.{i}.attention.self.key.bias",
-     "{base}encoder.layer.{i}.attention.self.value.bias"): "blocks.{i}.attn.qkv.bias",
-    "{base}encoder.layer.{i}.attention.output.dense.weight": "blocks.{i}.attn.proj.weight",
-    "{base}encoder.layer.{i}.attention.output.dense.bias": "blocks.{i}.attn.proj.bias",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "blocks.{i}.attn_norm.weight",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "blocks.{i}.attn_norm.bias",
-    "{base}encoder.layer.{i}.intermediate.dense.weight": "blocks.{i}.fc1.weight",
-    "{base}encoder.layer.{i}.intermediate.dense.bias": "blocks.{i}.fc1.bias",
-    "{base}encoder.layer.{i}.output.dense.weight": "blocks.{i}.fc2.weight",
-    "{base}encoder.layer.{i}.output.dense.bias": "blocks.{i}.fc2.bias",
-    "{base}encoder.layer.{i}.output.LayerNorm.weight": "blocks.{i}.mlp_norm.weight",
-    "{base}encoder.layer.{i}.output.LayerNorm.bias": "blocks.{i}.mlp_norm.bias",
+     "{base}encoder.layer.{i}.attention.self.value.bias"): "encoder.blocks.{i}.attn.qkv.bias",
+    "{base}encoder.layer.{i}.attention.output.dense.weight": "encoder.blocks.{i}.attn.proj.weight",
+    "{base}encoder.layer.{i}.attention.output.dense.bias": "encoder.blocks.{i}.attn.proj.bias",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "encoder.blocks.{i}.attn_norm.weight",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "encoder.blocks.{i}.attn_norm.bias",
+    "{base}encoder.layer.{i}.intermediate.dense.weight": "encoder.blocks.{i}.fc1.weight",
+    "{base}encoder.layer.{i}.intermediate.dense.bias": "encoder.blocks.{i}.fc1.bias",
+    "{base}encoder.layer.{i}.output.dense.weight": "encoder.blocks.{i}.fc2.weight",
+    "{base}encoder.layer.{i}.output.dense.bias": "encoder.blocks.{i}.fc2.bias",
+    "{base}encoder.layer.{i}.output.LayerNorm.weight": "encoder.blocks.{i}.mlp_norm.weight",
+    "{base}encoder.layer.{i}.output.LayerNorm.bias": "encoder.blocks.{i}.mlp_norm.bias",
     "{base}pooler.dense.weight": None,  # the [CLS] pooler, used by next-sentence and sentence tasks
     "{base}pooler.dense.bias": None,
     "cls.predictions.transform.dense.weight": "head.dense.weight",
     "cls.predictions.transform.dense.bias": "head.dense.bias",
     "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
     "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
-    "cls.predictions.bias": "head.bias",
+    "cls.predictions.bias": "head.decoder.bias",
     "cls.predictions.decoder.weight": None,  # tied to the word embeddings
     "cls.predictions.decoder.bias": None,  # the same tensor as cls.predictions.bias
     "cls.seq_relationship.weight": None,  # BertForPreTraining's next-sentence head
@@ -68,109 +69,109 @@ BERT_KEYS = {
 }
 
 ROBERTA_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
-    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
-    "{base}embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
-    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
+    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
+    "{base}embeddings.token_type_embeddings.weight": "encoder.embeddings.token_type.weight",
+    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
     "{base}embeddings.position_ids": None,  # buffers that older transformers versions saved
     "{base}embeddings.token_type_ids": None,
     ("{base}encoder.layer.{i}.attention.self.query.weight",
      "{base}encoder.layer.{i}.attention.self.key.weight",
-     "{base}encoder.layer.{i}.attention.self.value.weight"): "blocks.{i}.attn.qkv.weight",
+     "{base}encoder.layer.{i}.attention.self.value.weight"): "encoder.blocks.{i}.attn.qkv.weight",
     ("{base}encoder.layer.{i}.attention.self.query.bias",
      "{base}encoder.layer.{i}.attention.self.key.bias",
-     "{base}encoder.layer.{i}.attention.self.value.bias"): "blocks.{i}.attn.qkv.bias",
-    "{base}encoder.layer.{i}.attention.output.dense.weight": "blocks.{i}.attn.proj.weight",
-    "{base}encoder.layer.{i}.attention.output.dense.bias": "blocks.{i}.attn.proj.bias",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "blocks.{i}.attn_norm.weight",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "blocks.{i}.attn_norm.bias",
-    "{base}encoder.layer.{i}.intermediate.dense.weight": "blocks.{i}.fc1.weight",
-    "{base}encoder.layer.{i}.intermediate.dense.bias": "blocks.{i}.fc1.bias",
-    "{base}encoder.layer.{i}.output.dense.weight": "blocks.{i}.fc2.weight",
-    "{base}encoder.layer.{i}.output.dense.bias": "blocks.{i}.fc2.bias",
-    "{base}encoder.layer.{i}.output.LayerNorm.weight": "blocks.{i}.mlp_norm.weight",
-    "{base}encoder.layer.{i}.output.LayerNorm.bias": "blocks.{i}.mlp_norm.bias",
+     "{base}encoder.layer.{i}.attention.self.value.bias"): "encoder.blocks.{i}.attn.qkv.bias",
+    "{base}encoder.layer.{i}.attention.output.dense.weight": "encoder.blocks.{i}.attn.proj.weight",
+    "{base}encoder.layer.{i}.attention.output.dense.bias": "encoder.blocks.{i}.attn.proj.bias",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "encoder.blocks.{i}.attn_norm.weight",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "encoder.blocks.{i}.attn_norm.bias",
+    "{base}encoder.layer.{i}.intermediate.dense.weight": "encoder.blocks.{i}.fc1.weight",
+    "{base}encoder.layer.{i}.intermediate.dense.bias": "encoder.blocks.{i}.fc1.bias",
+    "{base}encoder.layer.{i}.output.dense.weight": "encoder.blocks.{i}.fc2.weight",
+    "{base}encoder.layer.{i}.output.dense.bias": "encoder.blocks.{i}.fc2.bias",
+    "{base}encoder.layer.{i}.output.LayerNorm.weight": "encoder.blocks.{i}.mlp_norm.weight",
+    "{base}encoder.layer.{i}.output.LayerNorm.bias": "encoder.blocks.{i}.mlp_norm.bias",
     "{base}pooler.dense.weight": None,  # RobertaModel's [CLS] pooler
     "{base}pooler.dense.bias": None,
     "lm_head.dense.weight": "head.dense.weight",
     "lm_head.dense.bias": "head.dense.bias",
     "lm_head.layer_norm.weight": "head.norm.weight",
     "lm_head.layer_norm.bias": "head.norm.bias",
-    "lm_head.bias": "head.bias",
+    "lm_head.bias": "head.decoder.bias",
     "lm_head.decoder.weight": None,  # tied to the word embeddings
     "lm_head.decoder.bias": None,  # the same tensor as lm_head.bias
 }
 
 DISTILBERT_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
-    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
-    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
+    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
+    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
     "{base}embeddings.position_ids": None,  # a buffer that older transformers versions saved
     ("{base}transformer.layer.{i}.attention.q_lin.weight",
      "{base}transformer.layer.{i}.attention.k_lin.weight",
-     "{base}transformer.layer.{i}.attention.v_lin.weight"): "blocks.{i}.attn.qkv.weight",
+     "{base}transformer.layer.{i}.attention.v_lin.weight"): "encoder.blocks.{i}.attn.qkv.weight",
     ("{base}transformer.layer.{i}.attention.q_lin.bias",
      "{base}transformer.layer.{i}.attention.k_lin.bias",
-     "{base}transformer.layer.{i}.attention.v_lin.bias"): "blocks.{i}.attn.qkv.bias",
-    "{base}transformer.layer.{i}.attention.out_lin.weight": "blocks.{i}.attn.proj.weight",
-    "{base}transformer.layer.{i}.attention.out_lin.bias": "blocks.{i}.attn.proj.bias",
-    "{base}transformer.layer.{i}.sa_layer_norm.weight": "blocks.{i}.attn_norm.weight",
-    "{base}transformer.layer.{i}.sa_layer_norm.bias": "blocks.{i}.attn_norm.bias",
-    "{base}transformer.layer.{i}.ffn.lin1.weight": "blocks.{i}.fc1.weight",
-    "{base}transformer.layer.{i}.ffn.lin1.bias": "blocks.{i}.fc1.bias",
-    "{base}transformer.layer.{i}.ffn.lin2.weight": "blocks.{i}.fc2.weight",
-    "{base}transformer.layer.{i}.ffn.lin2.bias": "blocks.{i}.fc2.bias",
-    "{base}transformer.layer.{i}.output_layer_norm.weight": "blocks.{i}.mlp_norm.weight",
-    "{base}transformer.layer.{i}.output_layer_norm.bias": "blocks.{i}.mlp_norm.bias",
+     "{base}transformer.layer.{i}.attention.v_lin.bias"): "encoder.blocks.{i}.attn.qkv.bias",
+    "{base}transformer.layer.{i}.attention.out_lin.weight": "encoder.blocks.{i}.attn.proj.weight",
+    "{base}transformer.layer.{i}.attention.out_lin.bias": "encoder.blocks.{i}.attn.proj.bias",
+    "{base}transformer.layer.{i}.sa_layer_norm.weight": "encoder.blocks.{i}.attn_norm.weight",
+    "{base}transformer.layer.{i}.sa_layer_norm.bias": "encoder.blocks.{i}.attn_norm.bias",
+    "{base}transformer.layer.{i}.ffn.lin1.weight": "encoder.blocks.{i}.fc1.weight",
+    "{base}transformer.layer.{i}.ffn.lin1.bias": "encoder.blocks.{i}.fc1.bias",
+    "{base}transformer.layer.{i}.ffn.lin2.weight": "encoder.blocks.{i}.fc2.weight",
+    "{base}transformer.layer.{i}.ffn.lin2.bias": "encoder.blocks.{i}.fc2.bias",
+    "{base}transformer.layer.{i}.output_layer_norm.weight": "encoder.blocks.{i}.mlp_norm.weight",
+    "{base}transformer.layer.{i}.output_layer_norm.bias": "encoder.blocks.{i}.mlp_norm.bias",
     "vocab_transform.weight": "head.dense.weight",
     "vocab_transform.bias": "head.dense.bias",
     "vocab_layer_norm.weight": "head.norm.weight",
     "vocab_layer_norm.bias": "head.norm.bias",
-    "vocab_projector.bias": "head.bias",
+    "vocab_projector.bias": "head.decoder.bias",
     "vocab_projector.weight": None,  # tied to the word embeddings
 }
 
 DEBERTA_V2_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "embeddings.word.weight",
+    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
     # Read only with position_biased_input; v3 checkpoints carry an unused table, skipped as transformers does.
-    "{base}embeddings.position_embeddings.weight": "embeddings.position.weight",
-    "{base}embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
-    "{base}embeddings.embed_proj.weight": "embeddings.proj.weight",  # only when embedding_size != hidden_size
-    "{base}embeddings.LayerNorm.weight": "embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
+    "{base}embeddings.token_type_embeddings.weight": "encoder.embeddings.token_type.weight",
+    "{base}embeddings.embed_proj.weight": "encoder.embeddings.proj.weight",  # only when embedding_size != hidden_size
+    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
+    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
     "{base}embeddings.position_ids": None,  # a buffer that older transformers versions saved
     ("{base}encoder.layer.{i}.attention.self.query_proj.weight",
      "{base}encoder.layer.{i}.attention.self.key_proj.weight",
-     "{base}encoder.layer.{i}.attention.self.value_proj.weight"): "blocks.{i}.attn.qkv.weight",
+     "{base}encoder.layer.{i}.attention.self.value_proj.weight"): "encoder.blocks.{i}.attn.qkv.weight",
     ("{base}encoder.layer.{i}.attention.self.query_proj.bias",
      "{base}encoder.layer.{i}.attention.self.key_proj.bias",
-     "{base}encoder.layer.{i}.attention.self.value_proj.bias"): "blocks.{i}.attn.qkv.bias",
+     "{base}encoder.layer.{i}.attention.self.value_proj.bias"): "encoder.blocks.{i}.attn.qkv.bias",
     # share_att_key=false (v2): positions have projections of their own, for c2p and for p2c.
-    "{base}encoder.layer.{i}.attention.self.pos_key_proj.weight": "blocks.{i}.attn.pos_key.weight",
-    "{base}encoder.layer.{i}.attention.self.pos_key_proj.bias": "blocks.{i}.attn.pos_key.bias",
-    "{base}encoder.layer.{i}.attention.self.pos_query_proj.weight": "blocks.{i}.attn.pos_query.weight",
-    "{base}encoder.layer.{i}.attention.self.pos_query_proj.bias": "blocks.{i}.attn.pos_query.bias",
-    "{base}encoder.layer.{i}.attention.output.dense.weight": "blocks.{i}.attn.proj.weight",
-    "{base}encoder.layer.{i}.attention.output.dense.bias": "blocks.{i}.attn.proj.bias",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "blocks.{i}.attn_norm.weight",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "blocks.{i}.attn_norm.bias",
-    "{base}encoder.layer.{i}.intermediate.dense.weight": "blocks.{i}.fc1.weight",
-    "{base}encoder.layer.{i}.intermediate.dense.bias": "blocks.{i}.fc1.bias",
-    "{base}encoder.layer.{i}.output.dense.weight": "blocks.{i}.fc2.weight",
-    "{base}encoder.layer.{i}.output.dense.bias": "blocks.{i}.fc2.bias",
-    "{base}encoder.layer.{i}.output.LayerNorm.weight": "blocks.{i}.mlp_norm.weight",
-    "{base}encoder.layer.{i}.output.LayerNorm.bias": "blocks.{i}.mlp_norm.bias",
-    "{base}encoder.rel_embeddings.weight": "relative.table.weight",
-    "{base}encoder.LayerNorm.weight": "relative.norm.weight",  # norm_rel_ebd = "layer_norm": the table's norm
-    "{base}encoder.LayerNorm.bias": "relative.norm.bias",
+    "{base}encoder.layer.{i}.attention.self.pos_key_proj.weight": "encoder.blocks.{i}.attn.pos_key.weight",
+    "{base}encoder.layer.{i}.attention.self.pos_key_proj.bias": "encoder.blocks.{i}.attn.pos_key.bias",
+    "{base}encoder.layer.{i}.attention.self.pos_query_proj.weight": "encoder.blocks.{i}.attn.pos_query.weight",
+    "{base}encoder.layer.{i}.attention.self.pos_query_proj.bias": "encoder.blocks.{i}.attn.pos_query.bias",
+    "{base}encoder.layer.{i}.attention.output.dense.weight": "encoder.blocks.{i}.attn.proj.weight",
+    "{base}encoder.layer.{i}.attention.output.dense.bias": "encoder.blocks.{i}.attn.proj.bias",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "encoder.blocks.{i}.attn_norm.weight",
+    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "encoder.blocks.{i}.attn_norm.bias",
+    "{base}encoder.layer.{i}.intermediate.dense.weight": "encoder.blocks.{i}.fc1.weight",
+    "{base}encoder.layer.{i}.intermediate.dense.bias": "encoder.blocks.{i}.fc1.bias",
+    "{base}encoder.layer.{i}.output.dense.weight": "encoder.blocks.{i}.fc2.weight",
+    "{base}encoder.layer.{i}.output.dense.bias": "encoder.blocks.{i}.fc2.bias",
+    "{base}encoder.layer.{i}.output.LayerNorm.weight": "encoder.blocks.{i}.mlp_norm.weight",
+    "{base}encoder.layer.{i}.output.LayerNorm.bias": "encoder.blocks.{i}.mlp_norm.bias",
+    "{base}encoder.rel_embeddings.weight": "encoder.relative.table.weight",
+    "{base}encoder.LayerNorm.weight": "encoder.relative.norm.weight",  # norm_rel_ebd = "layer_norm": the table's norm
+    "{base}encoder.LayerNorm.bias": "encoder.relative.norm.bias",
     # The MLM head under one of two names, which config.json's `legacy` picks (head_table): legacy ...
     "cls.predictions.transform.dense.weight": "head.dense.weight",
     "cls.predictions.transform.dense.bias": "head.dense.bias",
     "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
     "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
-    "cls.predictions.bias": "head.bias",
+    "cls.predictions.bias": "head.decoder.bias",
     "cls.predictions.decoder.weight": None,  # tied to the word embeddings
     "cls.predictions.decoder.bias": None,  # the same tensor as cls.predictions.bias
     # ... or not: the original DeBERTa code's names.
@@ -178,7 +179,7 @@ DEBERTA_V2_KEYS = {
     "lm_predictions.lm_head.dense.bias": "head.dense.bias",
     "lm_predictions.lm_head.LayerNorm.weight": "head.norm.weight",
     "lm_predictions.lm_head.LayerNorm.bias": "head.norm.bias",
-    "lm_predictions.lm_head.bias": "head.bias",
+    "lm_predictions.lm_head.bias": "head.decoder.bias",
     # v3's replaced-token-detection (ELECTRA discriminator) head, which transformers does not load either.
     "mask_predictions.dense.weight": None,
     "mask_predictions.dense.bias": None,
@@ -220,7 +221,7 @@ CONFIG_FIELDS = {
         "max_relative_positions": "max_relative_positions",
         "share_att_key": "share_att_key",
         "legacy_head": "legacy",
-    },  # + embedding_size, pos_att_type and norm_rel_ebd, which change form (config_from_hf)
+    },  # + embedding_size, pos_att_type (position_terms) and norm_rel_ebd, which change form (config_from_hf)
     "distilbert": {
         "vocab_size": "vocab_size",
         "hidden_size": "dim",
@@ -296,7 +297,7 @@ def _deberta_from_hf(hf: dict, hidden: int, heads: int) -> dict:
         raise UnsupportedModelError(f"legacy=false with embedding_size {embedding_size} != hidden_size {hidden}: "
                                     "that head cannot be tied to the embeddings (transformers fails on it too)")
     norm = [x.strip() for x in str(hf["norm_rel_ebd"]).lower().split("|")]
-    return dict(pos_att_type="|".join(terms), embedding_size=0 if embedding_size == hidden else embedding_size,
+    return dict(position_terms=tuple(terms), embedding_size=embedding_size,
                 norm_relative="layer_norm" in norm, position_buckets=max(hf["position_buckets"], 0))
 
 
@@ -310,9 +311,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.family == "distilbert":
         out.update(sinusoidal_pos_embds=False)
     elif cfg.family == "deberta-v2":
-        out.update(relative_attention=True, pos_att_type=cfg.position_terms,
-                   norm_rel_ebd="layer_norm" if cfg.norm_relative else "none",
-                   embedding_size=cfg.embedding_size or cfg.hidden_size)
+        out.update(relative_attention=True, pos_att_type=list(cfg.position_terms),
+                   norm_rel_ebd="layer_norm" if cfg.norm_relative else "none", embedding_size=cfg.embedding_size)
     else:
         out["position_embedding_type"] = "absolute"
     return out
@@ -465,8 +465,9 @@ def read_hf_config(folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ public API
-def load_model(path: str | os.PathLike, device=None, dtype=None) -> MaskedLM:
-    """Our MaskedLM with the weights of a local HF folder, in eval mode."""
+def load_model(path: str | os.PathLike, device=None, dtype=None, *, kernels: bool = True) -> MaskedLM:
+    """Our MaskedLM with the weights of a local HF folder, in eval mode, with this device's fast paths
+    installed (mlm.kernels.install) unless kernels=False."""
     folder = Path(path)
     check_device(device)
     model = MaskedLM(config_from_hf(read_hf_config(folder)))
@@ -477,7 +478,10 @@ def load_model(path: str | os.PathLike, device=None, dtype=None) -> MaskedLM:
         # transformers initialises a fresh head too.
         log.warning("%s has no MLM head weights (%s): the head is newly initialised and must be trained "
                     "before its predictions mean anything", folder, _head_names(model.config))
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if kernels:
+        install(model)
+    return model
 
 
 def _head_names(cfg: ModelConfig) -> str:
@@ -486,9 +490,11 @@ def _head_names(cfg: ModelConfig) -> str:
     return os.path.commonprefix(names) + "*"
 
 
-def load_pretrained(path: str | os.PathLike, device=None, dtype=None) -> tuple[MaskedLM, Tokenizer]:
-    """(model, tokenizer) from a local Hugging Face-format folder."""
-    model = load_model(path, device=device, dtype=dtype)
+def load_pretrained(
+    path: str | os.PathLike, device=None, dtype=None, *, kernels: bool = True
+) -> tuple[MaskedLM, Tokenizer]:
+    """(model, tokenizer) from a local Hugging Face-format folder; kernels=False gives the plain model."""
+    model = load_model(path, device=device, dtype=dtype, kernels=kernels)
     tokenizer = Tokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(

@@ -6,7 +6,8 @@ and label it with its own id (every other label is -100, which the loss skips); 
 `mask_replace_prob` (0.8) show [MASK], `random_replace_prob` (0.1) a uniformly random id, the rest stay.
 
 Its randomness comes from one of two sources with the same methods:
-- `_GeneratorDraws`, a torch.Generator: fast, the gaps between chosen positions are drawn directly.
+- `_GeneratorDraws`, a torch.Generator: fast, the gaps between chosen positions are drawn directly; for
+  callers of `mask_tokens` who bring a generator (training does not).
 - `_RowSeededDraws`, a counter-based hash of (row seed, position): a row's mask never depends on its batch,
   its neighbours, the rank or the device. `row_seeds_for` makes the seeds from (seed, epoch, sample index);
   train.py masks with them, and `mask_eval_blocks` gives every validation block one fixed mask.
@@ -184,7 +185,11 @@ class _Draws(Protocol):
 class _GeneratorDraws:
     """Draws from a torch.Generator, or from torch's global RNG when it is None. The fast source: `choose`
     draws the gaps between chosen positions, so the unchosen ~85% cost nothing. Each call consumes the
-    generator in turn, so a row's draws depend on everything drawn before them."""
+    generator in turn, so a row's draws depend on everything drawn before them.
+
+    Training, validation and `prepare.py --preview` never take this path (they mask with row seeds); it is
+    kept for a caller's own `mask_tokens(ids, ...)` with a generator or the global RNG, as HF's collator is
+    called: the README's example and bench.py's like-for-like collator row."""
 
     def __init__(self, generator: torch.Generator | None, B: int, T: int, device: torch.device):
         self.generator, self.B, self.T, self.device = generator, B, T, device

@@ -1,7 +1,9 @@
 """The training input pipeline: the tokenizer and dataset made before training, then each step's micro-batches.
 
-Before training, one process per node trains the tokenizer (unless one is given) and tokenizes the corpus
-(unless it is prepared), the others wait; every rank then checks it reads the same data (`prepare_data`).
+Where the tokenizer and the dataset come from, and what must be made first, is one `DataPlan`, resolved
+from the config once. Before training, one process per node carries it out (trains the tokenizer unless
+one is given, tokenizes the corpus unless it is prepared), the others wait; every rank then checks it
+reads the same data (`prepare_data`).
 
 A step's blocks come from the BatchPlan (mlm/data.py), and each block's mask is seeded by its place in
 the data stream (row seeds), so a batch is a pure function of (step, rank, micro-batch size). That makes
@@ -16,14 +18,15 @@ import functools
 import queue
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from mlm import data as mdata
+from mlm.config import TrainConfig
 from mlm.corpus import Corpus, default_corpus
-from mlm.data import BatchPlan, PackedBlocks
+from mlm.data import Batch, BatchPlan, PackedBlocks
 from mlm.distributed import Dist, same_on_every_rank, wait_for_others
 from mlm.errors import DataError
 from mlm.masking import mask_eval_blocks, mask_tokens, row_seeds_for
@@ -31,31 +34,44 @@ from mlm.tokenizer import Tokenizer
 from mlm.tokenizer_train import train_tokenizer
 
 
-class MicroBatch(NamedTuple):
-    input_ids: torch.Tensor  # (B, T) masked ids
-    labels: torch.Tensor  # (B, T) original ids where masked, IGNORE_INDEX elsewhere
-    doc_ids: torch.Tensor | None  # (B, T) with doc_attention, for attention within documents
+@dataclass(frozen=True)
+class Masking:
+    """mask_tokens' settings for a whole run: the tokenizer's special tokens and the config's recipe."""
 
-    def to(self, device: torch.device) -> "MicroBatch":
-        # non_blocking: from pinned memory the copy overlaps the compute already queued on the GPU.
-        return MicroBatch(*(None if t is None else t.to(device, non_blocking=True) for t in self))
+    mask_token_id: int
+    vocab_size: int  # random replacements are drawn from the tokenizer's tokens, never unused embedding rows
+    special_ids: tuple[int, ...]
+    mlm_probability: float
+    mask_replace_prob: float
+    random_replace_prob: float
+    whole_word_mask: bool
+    static: bool
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, tokenizer: Tokenizer) -> Masking:
+        return cls(tokenizer.mask_token_id, tokenizer.vocab_size, tuple(tokenizer.special_ids), cfg.mlm_probability,
+                   cfg.mask_replace_prob, cfg.random_replace_prob, cfg.whole_word_mask, cfg.static_masking)
+
+    def kwargs(self) -> dict:
+        return dict(mask_token_id=self.mask_token_id, vocab_size=self.vocab_size, special_ids=self.special_ids,
+                    mlm_probability=self.mlm_probability, mask_replace_prob=self.mask_replace_prob,
+                    random_replace_prob=self.random_replace_prob)
 
 
-def assemble(step: int, plan: BatchPlan, blocks: PackedBlocks, masking: dict, *, seed: int, static: bool,
-             whole_word_mask: bool, doc_attention: bool, pin: bool = False) -> list[MicroBatch]:
-    """This rank's micro-batches of `step`, masked, on the CPU. masking holds mask_tokens' fixed settings."""
+def assemble(step: int, plan: BatchPlan, blocks: PackedBlocks, masking: Masking, *, seed: int,
+             doc_attention: bool, pin: bool = False) -> list[Batch]:
+    """This rank's micro-batches of `step`, masked, on the CPU."""
     out = []
     for indices, positions in plan.rows(step):
-        batch = blocks.get(indices)
+        block = blocks.get(indices)
         # Training blocks are always full (the remainder is dropped): every position is a candidate, and the
         # model gets no attention mask, which lets SDPA pick FlashAttention on a GPU instead of a masked kernel.
-        ids, labels = mask_tokens(batch["input_ids"], row_seeds=row_seeds_for(seed, torch.from_numpy(positions)),
-                                  static=static, word_starts=batch["word_starts"] if whole_word_mask else None,
-                                  **masking)
-        micro = MicroBatch(ids, labels, batch["doc_ids"] if doc_attention else None)
-        if pin:
-            micro = MicroBatch(*(None if t is None else t.pin_memory() for t in micro))
-        out.append(micro)
+        ids, labels = mask_tokens(block["input_ids"], row_seeds=row_seeds_for(seed, torch.from_numpy(positions)),
+                                  static=masking.static,
+                                  word_starts=block["word_starts"] if masking.whole_word_mask else None,
+                                  **masking.kwargs())
+        batch = Batch(ids, labels, None, block["doc_ids"] if doc_attention else None)
+        out.append(batch.pin_memory() if pin else batch)
     return out
 
 
@@ -74,22 +90,23 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def get(self, step: int) -> list[MicroBatch]:
+    def get(self, step: int) -> list[Batch]:
         if self.depth == 0:
-            return [m.to(self.device) for m in self.build(step)]
+            return [m.to(self.device, non_blocking=True) for m in self.build(step)]
         if self._next_step != step:
             self._restart(step)
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         self._next_step = step + 1
-        return [m.to(self.device) for m in item]
+        return [m.to(self.device, non_blocking=True) for m in item]
 
     def _restart(self, step: int) -> None:
         self.close()
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._work, args=(step, self._queue, self._stop), daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(step, self._queue, self._stop), daemon=True,
+                                        name="mlm-prefetch")
         self._thread.start()
 
     def _work(self, step: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -116,21 +133,82 @@ class Prefetcher:
 
 
 # ------------------------------------------------------------------------------- made before training
-def prepare_data(cfg, out: Path, job: Dist) -> tuple[Path, Tokenizer]:
-    """The tokenizer and the prepared dataset folder, made before training by one process per node.
+@dataclass(frozen=True)
+class DataPlan:
+    """Where a run's tokenizer and dataset come from, and what must be made before training.
+
+    tokenizer_dir  the folder the tokenizer is read from: --init's or --tokenizer's, a prepared --data
+                   folder's own, or <out>/tokenizer, trained there first on the corpus
+    dataset_dir    the prepared dataset: --data itself when prepare.py made it, <out>/data tokenized from
+                   the corpus, or None for the default corpus, cached by the tokenizer's fingerprint
+    """
+
+    tokenizer_dir: Path
+    trains_tokenizer: bool  # whether the tokenizer is trained here (when tokenizer_dir has none yet)
+    tokenizer_kind: str
+    vocab_size: int  # of a trained tokenizer
+    corpus: tuple[str, ...]  # --data, when it is text to read; () for a prepared folder or the default corpus
+    text_field: str
+    dataset_dir: Path | None
+    val_fraction: float
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, out: Path) -> DataPlan:
+        prepared = len(cfg.data) == 1 and (Path(cfg.data[0]) / "meta.json").is_file()
+        given = cfg.init or cfg.tokenizer
+        if given:
+            tokenizer_dir = Path(given)
+        else:
+            tokenizer_dir = Path(cfg.data[0]) if prepared else out / "tokenizer"
+        if prepared:
+            dataset_dir = Path(cfg.data[0])
+        else:
+            dataset_dir = out / "data" if cfg.data else None
+        return cls(tokenizer_dir, trains_tokenizer=not (given or prepared), tokenizer_kind=cfg.tokenizer_kind,
+                   vocab_size=cfg.model.get("vocab_size", 30522), corpus=() if prepared else tuple(cfg.data),
+                   text_field=cfg.text_field, dataset_dir=dataset_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+    def dataset_for(self, tokenizer: Tokenizer) -> Path:
+        return self.dataset_dir or mdata.default_dataset(tokenizer, make=False)
+
+    def carry_out(self, progress: bool) -> Tokenizer:
+        """Train the tokenizer (unless there is one) and tokenize the corpus (unless it is prepared); returns
+        the tokenizer. What is already on disk is used as it is."""
+        if self.trains_tokenizer and not (self.tokenizer_dir / "tokenizer.json").is_file():
+            corpus = self.read_corpus()
+            print(f"training a {self.tokenizer_kind} tokenizer of {self.vocab_size} tokens on {corpus}", file=sys.stderr)
+            tokenizer = train_tokenizer(corpus, self.tokenizer_kind, self.vocab_size)
+            tokenizer.save(self.tokenizer_dir)
+        else:
+            tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir)
+        if self.dataset_dir is None:
+            mdata.default_dataset(tokenizer, progress=progress)
+        elif not (self.dataset_dir / "meta.json").is_file():
+            mdata.prepare(self.read_corpus(), self.dataset_dir, tokenizer, val_fraction=self.val_fraction,
+                          seed=self.seed, progress=progress)
+        return tokenizer
+
+    def read_corpus(self) -> Corpus:
+        return Corpus(list(self.corpus), text_field=self.text_field) if self.corpus else default_corpus()
+
+
+def prepare_data(plan: DataPlan, job: Dist) -> tuple[Path, Tokenizer]:
+    """The prepared dataset folder and the tokenizer, made before training by one process per node.
 
     Global rank 0 goes first. A node that cannot see its result (a disk of its own) then prepares its own
     copy, the same bytes, since preparation is deterministic. The other ranks wait, at most --dist-timeout:
     for a corpus that takes longer, run prepare.py first. Last, every rank checks it reads the same data.
     """
+    tokenizer = None
     for turn in ("global", "node"):
-        if (job.master if turn == "global" else job.local_master) and not data_ready(cfg, out):
-            make_data(cfg, out, progress=job.master or turn == "node")
+        if job.master if turn == "global" else job.local_master and tokenizer is None:
+            tokenizer = plan.carry_out(progress=job.master or turn == "node")
         wait_for_others(job, "the data preparation on rank 0 or on this node's first rank",
                         "run prepare.py once before training (python prepare.py --data ... --out DIR) and pass "
                         "--data DIR, or raise --dist-timeout")
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir(cfg, out))
-    data_dir = dataset_dir(cfg, out, tokenizer)
+    tokenizer = tokenizer or Tokenizer.from_pretrained(plan.tokenizer_dir)
+    data_dir = plan.dataset_for(tokenizer)
     meta = mdata.load_dataset_meta(data_dir)
     mdata.check_vocab(meta, tokenizer)
     if not same_on_every_rank(job, f"{meta['tokenizer_sha256']} {meta['splits']}"):
@@ -139,72 +217,21 @@ def prepare_data(cfg, out: Path, job: Dist) -> tuple[Path, Tokenizer]:
     return data_dir, tokenizer
 
 
-def tokenizer_dir(cfg, out: Path) -> Path:
-    if cfg.init or cfg.tokenizer:
-        return Path(cfg.init or cfg.tokenizer)
-    return Path(cfg.data[0]) if is_prepared(cfg) else out / "tokenizer"
-
-
-def is_prepared(cfg) -> bool:
-    """Whether --data names one folder that prepare.py made."""
-    return len(cfg.data) == 1 and (Path(cfg.data[0]) / "meta.json").is_file()
-
-
-def dataset_dir(cfg, out: Path, tokenizer: Tokenizer) -> Path:
-    if is_prepared(cfg):
-        return Path(cfg.data[0])
-    # The default corpus is cached by the tokenizer's fingerprint, so runs with the same tokenizer share it.
-    return mdata.default_dataset(tokenizer, make=False) if not cfg.data else out / "data"
-
-
-def data_ready(cfg, out: Path) -> bool:
-    if not (tokenizer_dir(cfg, out) / "tokenizer.json").is_file() and not (cfg.init or cfg.tokenizer):
-        return False
-    return (dataset_dir(cfg, out, Tokenizer.from_pretrained(tokenizer_dir(cfg, out))) / "meta.json").is_file()
-
-
-def make_data(cfg, out: Path, progress: bool) -> None:
-    """Train the tokenizer (unless one is given) and tokenize the corpus (unless it is prepared)."""
-    folder = tokenizer_dir(cfg, out)
-    if not (cfg.init or cfg.tokenizer or is_prepared(cfg)) and not (folder / "tokenizer.json").is_file():
-        corpus = Corpus(cfg.data, text_field=cfg.text_field) if cfg.data else default_corpus()
-        vocab_size = cfg.model.get("vocab_size", 30522)
-        print(f"training a {cfg.tokenizer_kind} tokenizer of {vocab_size} tokens on {corpus}", file=sys.stderr)
-        train_tokenizer(corpus, cfg.tokenizer_kind, vocab_size).save(folder)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    data_dir = dataset_dir(cfg, out, tokenizer)
-    if not cfg.data:
-        mdata.default_dataset(tokenizer, progress=progress)
-    elif not (data_dir / "meta.json").is_file():
-        mdata.prepare(cfg.data, data_dir, tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
-                      seed=cfg.seed, progress=progress)
-
-
-def masking_settings(cfg, tokenizer: Tokenizer) -> dict:
-    """The keyword arguments of mask_tokens that stay the same all run long."""
-    return dict(mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
-                special_ids=tokenizer.special_ids, mlm_probability=cfg.mlm_probability,
-                mask_replace_prob=cfg.mask_replace_prob, random_replace_prob=cfg.random_replace_prob)
-
-
-def validation_set(cfg, data_dir: Path, masking: dict) -> dict:
+def validation_set(cfg: TrainConfig, data_dir: Path, masking: Masking) -> Batch:
     """The validation blocks, masked once from the seed: the same masks for every run and every world size."""
     blocks = mdata.PackedBlocks(data_dir, "val", cfg.block_size, remainder="pad")
     val = blocks.get(range(min(cfg.eval_blocks, len(blocks))))
-    if not cfg.doc_attention:
-        del val["doc_ids"]
-    val["masked_ids"], val["labels"] = mask_eval_blocks(
+    masked, labels = mask_eval_blocks(
         val["input_ids"], seed=cfg.seed, attention_mask=val["attention_mask"],
-        word_starts=val["word_starts"] if cfg.whole_word_mask else None, **masking)
-    return val
+        word_starts=val["word_starts"] if masking.whole_word_mask else None, **masking.kwargs())
+    return Batch(masked, labels, val["attention_mask"], val["doc_ids"] if cfg.doc_attention else None)
 
 
-def batch_source(cfg, plan: mdata.BatchPlan, blocks: mdata.PackedBlocks, masking: dict,
+def batch_source(cfg: TrainConfig, plan: mdata.BatchPlan, blocks: mdata.PackedBlocks, masking: Masking,
                  device: torch.device) -> Prefetcher:
     """Each step's micro-batches on the device, built a step ahead in a background thread on CUDA (or with
     --prefetch): the masks depend only on the blocks' places in the data stream, so the results are the same."""
     build = functools.partial(assemble, plan=plan, blocks=blocks, masking=masking, seed=cfg.seed,
-                              static=cfg.static_masking or cfg.compile, whole_word_mask=cfg.whole_word_mask,
                               doc_attention=cfg.doc_attention, pin=device.type == "cuda")
     prefetch = cfg.prefetch if cfg.prefetch is not None else device.type == "cuda"
     return Prefetcher(build, device, depth=1 if prefetch else 0)

@@ -1,13 +1,18 @@
-"""Settings from layers, for train.py's dataclasses: a preset, then a TOML file, then command-line flags.
+"""Settings from layers, for the config dataclasses: a preset, then a TOML file, then command-line flags.
 
 Every field of a dataclass becomes a flag of the same name (`micro_batch_size` -> `--micro-batch-size`),
-typed by the field's annotation: `flag_kwargs` turns a type into argparse settings. `read_toml` reads the
-file layer and refuses keys that no field has.
+typed by the field's annotation (`flag_kwargs`) and explained by the comment the field carries in its source
+(`field_comments`): the dataclass stays the one place a setting is written down. `read_toml` reads the file
+layer and refuses keys that no field has.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import io
+import re
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -33,8 +38,30 @@ def flag_kwargs(hint) -> dict:
     if origin is list:
         return dict(nargs="+", type=parts[0])
     if origin is tuple:
-        return dict(nargs=len(parts), type=parts[0])
+        return dict(nargs="+" if parts[-1] is Ellipsis else len(parts), type=parts[0])
     return dict(type=hint)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in a dataclass's source: the one at the end of its line, else the comment lines
+    right above it. Only the class body's own lines are read, so a field without a comment has none."""
+    lines = inspect.getsource(cls).splitlines()
+    comments: dict[int, str] = {}  # line number (from 1) -> comment text
+    for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    out, above = {}, []
+    for number, line in enumerate(lines, start=1):
+        field = re.match(r"\s+(\w+)\s*:", line)
+        if line.strip().startswith("#"):
+            above.append(comments.get(number, ""))
+            continue
+        if field and not line.strip().startswith(("def ", "@")):
+            text = comments.get(number) or " ".join(above)
+            if text:
+                out.setdefault(field.group(1), text)
+        above = []
+    return out
 
 
 def read_toml(path: str, fields: set[str], where: str) -> tuple[dict, dict]:

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as scripts/ddp_check.py
 
+from mlm.config import TrainConfig  # noqa: E402
 from mlm.errors import exit_without_teardown  # noqa: E402
 from mlm.masking import IGNORE_INDEX, mask_tokens, row_seeds_for  # noqa: E402
 from mlm.model import DTYPES, MaskedLM, ModelConfig  # noqa: E402
@@ -113,7 +114,7 @@ def check(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-    max_predictions = max(1, round(0.15 * args.seq))  # as train.py: mlm_probability * block_size
+    max_predictions = TrainConfig(block_size=args.seq, compile=True).max_predictions  # train.py's own rule
 
     torch.manual_seed(args.seed)
     config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,

@@ -134,8 +134,8 @@ def test_falls_back_to_sdpa_where_it_does_not_apply(monkeypatch):
     assert attention(heads(x), heads(x), heads(x), None, 0.5).is_nested
 
 
-def test_the_model_drops_attention_probabilities_here(monkeypatch):
-    """In training, the model's attention is this kernel with the config's dropout; in eval, SDPA's."""
+def test_the_installed_model_drops_attention_probabilities_here(monkeypatch):
+    """In training, the installed model's attention is this kernel with the config's dropout; in eval, SDPA's."""
     calls = []
     monkeypatch.setattr(cpu_attention, "dropout", lambda x, p: calls.append(p) or x)
     g = torch.Generator().manual_seed(5)
@@ -146,6 +146,7 @@ def test_the_model_drops_attention_probabilities_here(monkeypatch):
     torch.manual_seed(0)
     model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
                                  max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.5))
+    assert cpu_attention.install(model) == 2
     with torch.no_grad():
         expected = model.eval().encode(ids, attention_mask, doc_ids=doc_ids)  # SDPA, no dropout
         got = model.train().encode(ids, attention_mask, doc_ids=doc_ids)  # written out, dropout as identity

@@ -6,12 +6,13 @@ buffer of the lookup's own). In either order of the two backward passes, and twi
 Where no tie is linked, or it cannot pay, the plain path runs.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import mlm.model
-from mlm.kernels import Tie, decoder_weight, embedding, embedding_ref
+from mlm.kernels import Tie, cpu_embedding, decoder, decoder_weight, embedding, embedding_ref
 from mlm.model import MaskedLM, ModelConfig
 
 V, C, PAD = 101, 13, 0
@@ -95,30 +96,29 @@ def test_where_no_tie_is_linked_or_it_cannot_pay_the_plain_path_runs():
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])
 def test_a_training_step_through_the_model_matches_the_plain_lookup(monkeypatch, family):
-    """MaskedLM with labels ties the two uses; every gradient equals the plain path's, and fused AdamW steps."""
+    """A MaskedLM with the tie installed: every gradient equals the plain model's, and fused AdamW steps."""
     cfg = ModelConfig(vocab_size=V, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
                       hidden_dropout=0.0, attention_dropout=0.0, family=family,
                       type_vocab_size=0 if family == "deberta-v2" else 2)
     torch.manual_seed(0)
-    model = MaskedLM(cfg)
+    plain = MaskedLM(cfg)
+    tied = copy.deepcopy(plain)
+    decoder.install(tied, use_triton=False, linear=F.linear, tied=cpu_embedding.install(tied))
     ids = torch.randint(1, V, (3, 9))
     ids[2, 6:] = cfg.pad_token_id
     labels = torch.where(torch.rand(3, 9) < 0.4, ids, -100)
     labels[:, 0] = ids[:, 0]
 
-    def grads():
+    def grads(model):
         model.zero_grad(set_to_none=True)
         model(ids, (ids != cfg.pad_token_id).long(), labels=labels).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    with monkeypatch.context() as m:
-        m.setattr(mlm.model, "embedding", lambda ids, w, pad, tie: embedding_ref(ids, w, pad))
-        ref = grads()
     linked = []
-    with monkeypatch.context() as m:
-        m.setattr(mlm.model, "decoder_weight", lambda w, tie: linked.append(tie.linked) or decoder_weight(w, tie))
-        ours = grads()
+    monkeypatch.setattr(decoder, "decoder_weight", lambda w, tie: linked.append(tie.linked) or decoder_weight(w, tie))
+    ref, ours = grads(plain), grads(tied)
     assert linked == [True]  # the path under test
+    assert ref.keys() == ours.keys()
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
-    torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True).step()
+    torch.optim.AdamW(tied.parameters(), lr=1e-3, fused=True).step()

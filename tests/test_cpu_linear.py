@@ -4,29 +4,39 @@ The fast path is the CPU path, so these tests run it for real (no interpreter ne
 an fp64 reference must stay within a small factor of F.linear's own fp32 error.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import mlm.kernels
+from mlm.errors import ConfigError
 from mlm.kernels import cpu_linear, linear
 from mlm.model import MaskedLM, ModelConfig
 
 onednn = pytest.mark.skipif(cpu_linear._op is None, reason="this torch build has no oneDNN (mkldnn)")
 
 
-@pytest.fixture(autouse=True)
-def take_onednn(monkeypatch):
-    """The kernel is under test here, on Intel CPUs too (where it is not the default)."""
-    monkeypatch.setenv("MLM_ONEDNN_LINEAR", "1")
-
-
 @onednn
 @pytest.mark.parametrize("mkl_fast", [True, False])
-def test_by_default_onednn_only_where_mkl_is_not_the_faster(monkeypatch, mkl_fast):
-    monkeypatch.delenv("MLM_ONEDNN_LINEAR")
+def test_auto_takes_onednn_only_where_mkl_is_not_the_faster(monkeypatch, mkl_fast):
     monkeypatch.setattr(cpu_linear, "_MKL_FAST", mkl_fast)
-    x, w = torch.randn(3, 4), torch.randn(5, 4)
-    assert cpu_linear.applies(x, w) is not mkl_fast
+    assert cpu_linear.choose_gemm("auto") == ("mkl" if mkl_fast else "onednn")
+    assert cpu_linear.choose_gemm("onednn") == "onednn" and cpu_linear.choose_gemm("mkl") == "mkl"
+    model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8))
+    installed = mlm.kernels.install(model, "cpu")
+    assert ("cpu_linear" in installed) is not mkl_fast
+    assert isinstance(model.head.dense, cpu_linear.OneDNNLinear) is not mkl_fast
+
+
+def test_an_unknown_gemm_or_a_missing_op_is_a_config_error(monkeypatch):
+    with pytest.raises(ConfigError, match="cpu_gemm must be one of auto, onednn, mkl, not 'blas'"):
+        cpu_linear.choose_gemm("blas")
+    monkeypatch.setattr(cpu_linear, "_op", None)
+    with pytest.raises(ConfigError, match="no oneDNN linear op; use cpu_gemm mkl"):
+        cpu_linear.choose_gemm("onednn")
+    assert cpu_linear.choose_gemm("auto") == "mkl"
 
 
 def leaves(lead, K, N, bias=True, x_grad=True, w_grad=True, transposed=False, seed=0):
@@ -91,6 +101,7 @@ def test_the_model_runs_its_matmuls_through_onednn(monkeypatch):
     monkeypatch.setattr(cpu_linear, "_gemm", counting)
     cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
     model = MaskedLM(cfg)
+    mlm.kernels.install(model, "cpu", cpu_gemm="onednn")
     ids = torch.randint(5, 101, (2, 9))
     labels = torch.where(torch.rand(2, 9) < 0.3, ids, -100)
     labels[0, 0] = ids[0, 0]  # at least one target
@@ -113,8 +124,6 @@ def test_falls_back_to_f_linear_where_it_does_not_apply(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast sends bf16 matmuls to oneDNN itself
         out = linear(x, w, b)
         assert out.dtype == torch.bfloat16 and torch.equal(out, F.linear(x, w, b))
-    monkeypatch.setenv("MLM_ONEDNN_LINEAR", "0")
-    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
 def test_inside_torch_compile_the_reference_is_traced(monkeypatch):
@@ -126,25 +135,25 @@ def test_inside_torch_compile_the_reference_is_traced(monkeypatch):
 
 
 @onednn
-def test_model_gradients_match_the_f_linear_path(monkeypatch):
-    """A whole training step's loss and parameter gradients, oneDNN against MLM_ONEDNN_LINEAR=0."""
+def test_model_gradients_match_the_f_linear_path():
+    """A whole training step's loss and parameter gradients, oneDNN against the plain model's F.linear."""
     cfg = ModelConfig(vocab_size=211, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96,
                       hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
-    model = MaskedLM(cfg)
+    plain = MaskedLM(cfg)
+    fast = copy.deepcopy(plain)
+    assert cpu_linear.install(fast) == 2 * 4 + 1  # per block qkv, proj, fc1, fc2; the head's dense
     ids = torch.randint(5, 211, (3, 17))
     labels = torch.where(torch.rand(3, 17) < 0.3, ids, -100)
     labels[:, 0] = ids[:, 0]
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
+    def loss_and_grads(model):
         loss = model(ids, labels=labels)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    fast_loss, fast = loss_and_grads()
-    monkeypatch.setenv("MLM_ONEDNN_LINEAR", "0")
-    ref_loss, ref = loss_and_grads()
+    fast_loss, fast_grads = loss_and_grads(fast)
+    ref_loss, ref = loss_and_grads(plain)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-6, atol=1e-6)
     for name in ref:
-        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast_grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

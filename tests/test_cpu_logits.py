@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlm.kernels import cpu_logits, vocab_logits
+import mlm.kernels
+from mlm.kernels import cpu_logits, decoder, vocab_logits
 from mlm.model import MaskedLM, ModelConfig
 
 
@@ -67,13 +68,13 @@ def test_steps_aside_where_it_does_not_apply():
             assert not cpu_logits.applies(x, w.bfloat16(), b)  # a weight already in bf16
 
 
-def test_the_models_inference_logits_go_through_it(monkeypatch):
+def test_the_installed_models_inference_logits_go_through_it(monkeypatch):
     cfg = ModelConfig(family="deberta-v2", vocab_size=1000, hidden_size=48, num_layers=2, num_heads=4,
                       intermediate_size=96, max_position_embeddings=64, position_buckets=16,
-                      max_relative_positions=32, pos_att_type="c2p|p2c", type_vocab_size=0, hidden_dropout=0.0,
-                      attention_dropout=0.0)
+                      max_relative_positions=32, type_vocab_size=0, hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
     model = MaskedLM(cfg).eval()
+    mlm.kernels.install(model, "cpu")
     ids = torch.randint(5, 1000, (2, 12))
     calls = []
     sliced = cpu_logits.vocab_logits
@@ -83,9 +84,9 @@ def test_the_models_inference_logits_go_through_it(monkeypatch):
         return sliced(*args)
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        monkeypatch.setattr("mlm.model.vocab_logits", spy)
+        monkeypatch.setattr(decoder, "vocab_logits", spy)
         ours = model(ids)
-        monkeypatch.setattr("mlm.model.vocab_logits", cpu_logits.vocab_logits_ref)
+        monkeypatch.setattr(decoder, "vocab_logits", cpu_logits.vocab_logits_ref)
         ref = model(ids)
     assert calls == [True]
     assert ours.shape == ref.shape == (2, 12, 1000) and ours.dtype == torch.bfloat16

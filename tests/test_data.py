@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from mlm import pipeline
+from mlm.config import parse_config
 from mlm.corpus import Corpus, default_corpus
 from mlm.data import (
     BatchPlan,
@@ -30,6 +32,7 @@ from mlm.data import (
     stream_positions,
 )
 from mlm.errors import ConfigError, DataError
+from mlm.masking import preview
 from mlm.tokenizer import DEFAULT_SPECIALS, Tokenizer, build_wordpiece, tokenizer_sha256
 from mlm.tokenizer_train import train_tokenizer
 
@@ -354,6 +357,20 @@ def test_cli_prepare_then_preview(tmp_path):
     assert shown.returncode == 0, shown.stderr
     rows = [line for line in shown.stdout.splitlines() if line.startswith(">>> ")]
     assert len(rows) == 2 and "targets:" in shown.stdout
+
+    # With train.py's own flags, the masks training would use: the first blocks of step 0, whatever the
+    # global batch, masked by the pipeline with those settings.
+    flags = ["--block-size", 32, "--seed", 3, "--mlm-probability", 0.4, "--whole-word-mask"]
+    shown = run_prepare("--preview", out, "-n", 3, *flags)
+    assert shown.returncode == 0, shown.stderr
+    cfg = parse_config([*map(str, flags), "--data", str(out), "--global-batch-size", "8"])
+    tokenizer = Tokenizer.from_pretrained(out)
+    blocks = PackedBlocks(out, "train", 32)
+    plan = BatchPlan(len(blocks), 8, seed=3)
+    step0 = pipeline.assemble(0, plan, blocks, pipeline.Masking.of(cfg, tokenizer), seed=3, doc_attention=False)[0]
+    assert shown.stdout.strip() == preview(tokenizer.decode, step0.input_ids, step0.labels,
+                                           mask_token=tokenizer.mask_token, n=3).strip()
+    assert shown.stdout != run_prepare("--preview", out, "-n", 3, *flags[:4]).stdout  # the flags count
 
 
 @pytest.mark.parametrize("case", ["empty", "missing"])

@@ -21,7 +21,8 @@ from transformers import AutoModelForMaskedLM, DebertaV2Config, DebertaV2ForMask
 import mlm
 from mlm.hf import BASE, KEYS, expand, load_model, table_for
 from mlm.masking import IGNORE_INDEX
-from mlm.model import MaskedLM, ModelConfig, RelativePositions
+from mlm.model import MaskedLM, ModelConfig
+from mlm.model.deberta import RelativePositions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,54 +114,12 @@ def test_relative_index_is_transformers_for_long_sequences():
     for buckets, max_rel, T in [(256, -1, 512), (256, 512, 300), (8, -1, 64), (6, 12, 40), (0, 6, 20), (0, -1, 64)]:
         cfg = ModelConfig(family="deberta-v2", hidden_size=8, num_heads=2, max_position_embeddings=max(T, 64),
                           position_buckets=buckets, max_relative_positions=max_rel)
-        relative = RelativePositions(cfg)
-        table, index = relative(T)
-        first, last = relative.rows(T)
-        assert table.shape[0] == last - first + 1 and 0 <= index.min() and index.max() <= last - first
+        table, index = RelativePositions(cfg)(T)
         span = cfg.relative_span
+        assert table.shape[0] == 2 * span
         x = torch.zeros(1, T, 1)
         d = build_relative_position(x, x, bucket_size=buckets or -1, max_position=cfg.max_distance)[0]
-        assert torch.equal(index + first, (d + span).clamp(0, 2 * span - 1)), (buckets, max_rel, T)
-
-
-@pytest.mark.parametrize("buckets, max_rel", [(256, -1), (8, -1), (6, 12), (0, 6), (0, -1), (16, 10), (8, 5)])
-def test_rows_cover_every_pair_and_no_more_where_distances_are_exact(buckets, max_rel):
-    """rows(T), from T and the config alone, holds every row the index uses; within +-buckets/2 (and
-    unclamped) it is exactly the 2T - 1 rows of the distances. (16, 10) ends the log scale before the
-    buckets do, (8, 5) at them."""
-    cfg = ModelConfig(family="deberta-v2", hidden_size=8, num_heads=2, max_position_embeddings=64,
-                      position_buckets=buckets, max_relative_positions=max_rel)
-    relative = RelativePositions(cfg)
-    for T in range(1, 65):
-        first, last = relative.rows(T)
-        index = relative(T)[1]
-        assert index.min() >= 0 and index.max() <= last - first, T
-        exact = T - 1 <= (buckets // 2 if buckets > 0 else cfg.max_distance - 1) and T - 1 < cfg.relative_span
-        if exact:
-            assert (first, last) == (cfg.relative_span - T + 1, cfg.relative_span + T - 1), T
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize("name", ["v3-like", "own-position-projections", "lm-predictions-head", "narrow-embeddings",
-                                  "absolute-positions-and-types"])
-def test_round_trip_ours_to_transformers(checkpoint, tmp_path, name):
-    model, tokenizer = mlm.load_pretrained(checkpoint(name))
-    with torch.no_grad():  # change every weight so the round trip cannot pass by accident
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    mlm.save_pretrained(model, tokenizer, tmp_path / "out")
-    ref, info = DebertaV2ForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert ref.config.legacy == model.config.legacy_head
-    ids, attention, types, _ = batch(model.config, seed=2)
-    real = attention.bool()
-    with torch.no_grad():
-        expected = ref.eval()(input_ids=ids, attention_mask=attention, token_type_ids=types).logits
-        assert_close(model(ids, attention, token_type_ids=types)[real], expected[real], atol=1e-5, rtol=1e-5)
-    again = load_model(tmp_path / "out")
-    assert again.config == model.config
-    for (name_, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name_
+        assert torch.equal(index, (d + span).clamp(0, 2 * span - 1)), (buckets, max_rel, T)
 
 
 def real_v3_like(src: Path, folder: Path, **config_changes) -> Path:
@@ -198,7 +157,7 @@ def test_real_v3_like_checkpoint_gets_a_fresh_head_with_one_note_each(checkpoint
     for group in ("deberta.embeddings.position_embeddings.weight", "mask_predictions.", "lm_predictions.lm_head."):
         assert group in notes[0]
     assert "no MLM head weights (cls.predictions.*)" in notes[1] and "must be trained" in notes[1]
-    assert torch.all(model.head.bias == 0) and torch.all(model.head.norm.weight == 1)  # fresh, as transformers'
+    assert torch.all(model.head.decoder.bias == 0) and torch.all(model.head.norm.weight == 1)  # fresh, as transformers'
 
     ref, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
     assert {k.split(".")[0] for k in info["missing_keys"]} == {"cls"}  # transformers also starts the head afresh
@@ -300,7 +259,7 @@ def test_fill_mask_rows_past_the_tokenizer_decode_as_the_pipeline_does(checkpoin
     folder = shutil.copytree(checkpoint("v3-like"), tmp_path / "rows")
     model, tokenizer = mlm.load_pretrained(folder)
     with torch.no_grad():
-        model.head.bias[-EXTRA_ROWS:] += 8.0
+        model.head.decoder.bias[-EXTRA_ROWS:] += 8.0
     mlm.save_pretrained(model, None, folder)
     fill = pipeline("fill-mask", model=str(folder), device="cpu")
     ours = mlm.fill_mask(model, tokenizer, MASKED[:2], top_k=4)
@@ -351,12 +310,12 @@ def test_fp16_does_not_overflow_where_transformers_does(tmp_path):
     """Scores of ~1e5 before the 1/sqrt(3D) scale: transformers' c2p product overflows fp16; ours scales first."""
     model = tiny(num_heads=1, hidden_size=64, intermediate_size=64).eval()
     with torch.no_grad():  # q = k = 100 x, and position keys 100 x (normalised table): products ~ 1e5
-        model.blocks[0].attn.qkv.weight[:128].copy_(100 * torch.eye(64).repeat(2, 1))
-        model.blocks[0].attn.qkv.bias.zero_()
+        model.encoder.blocks[0].attn.qkv.weight[:128].copy_(100 * torch.eye(64).repeat(2, 1))
+        model.encoder.blocks[0].attn.qkv.bias.zero_()
     ids = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model.encode(ids)
-        c2p = model.blocks[0].attn.qkv(model.embeddings(ids))[..., :64] @ (100 * model.relative(24)[0]).T
+        c2p = model.encoder.blocks[0].attn.qkv(model.encoder.embeddings(ids))[..., :64] @ (100 * model.encoder.relative(24)[0]).T
         assert c2p.abs().max() > torch.finfo(torch.float16).max  # the unscaled product does not fit in fp16
         with torch.autocast("cpu", dtype=torch.float16):
             got = model.encode(ids)
@@ -373,8 +332,8 @@ def test_fp16_does_not_overflow_where_transformers_does(tmp_path):
 def test_config_refusals_are_one_line():
     with pytest.raises(mlm.ConfigError, match="varlen is not supported for deberta-v2"):
         ModelConfig(family="deberta-v2", varlen=True)
-    with pytest.raises(mlm.ConfigError, match="pos_att_type 'p2p'"):
-        ModelConfig(family="deberta-v2", pos_att_type="p2p")
+    with pytest.raises(mlm.ConfigError, match="position_terms 'p2p'"):
+        ModelConfig(family="deberta-v2", position_terms=("p2p",))
     with pytest.raises(mlm.ConfigError, match="DeBERTa's"):
         ModelConfig(family="bert", position_biased_input=False)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mlm.kernels import disentangled_bias, disentangled_bias_ref
-from mlm.model import ModelConfig, RelativePositions
+from mlm.model import ModelConfig
+from mlm.model.deberta import RelativePositions
 
 # (B, H, T, D, buckets, max_relative_positions, terms)
 CASES = [

@@ -14,6 +14,7 @@ from conftest import stdlib_docstrings
 from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics, run_trains
 
 import mlm.distributed
+from mlm.config import TrainConfig
 from mlm.distributed import Dist, pick_device, setup_distributed
 from mlm.errors import ConfigError
 
@@ -88,15 +89,22 @@ class SyncCounter:
         return counted
 
 
-def test_the_training_step_never_reads_the_device(dataset, tmp_path, monkeypatch):
-    """train_step and apply_update leave loss, norm and the non-finite guard on the device; only the report every
-    --log-every steps reads them back (on a GPU, the one wait for the device in the loop)."""
+def test_the_training_step_reads_the_device_once_per_step(dataset, tmp_path, monkeypatch):
+    """train_step leaves loss and norm on the device; apply_update reads once whether the step was finite (to
+    skip it through the optimizer's public step), and only the report every --log-every steps reads the
+    loss and norm back."""
     sys.path.insert(0, str(ROOT))
     import train
 
     counter = SyncCounter(monkeypatch)
+    per_function = {}
     for name in ("train_step", "apply_update"):
-        monkeypatch.setattr(train, name, counter.around(getattr(train, name)))
+        def counted(*args, _fn=getattr(train, name), _name=name):
+            before = counter.count
+            result = counter.around(_fn)(*args)
+            per_function.setdefault(_name, []).append(counter.count - before)
+            return result
+        monkeypatch.setattr(train, name, counted)
     reads_per_report = []
     real_step = train.Meter.step
 
@@ -112,11 +120,33 @@ def test_the_training_step_never_reads_the_device(dataset, tmp_path, monkeypatch
     monkeypatch.setattr(train.Meter, "step", meter_step)
     cfg = train.parse_config(["--data", str(dataset), *TINY, "--max-steps", "9", "--log-every", "4",
                               "--global-batch-size", "4", "--out", str(tmp_path / "run"), "--no-prefetch"])
-    before_loop = counter.count
     train.train(cfg, Dist())
-    assert counter.count == before_loop + sum(n for _, n in reads_per_report)  # nothing in train_step/apply_update
+    assert per_function == {"train_step": [0] * 9, "apply_update": [1] * 9}
     assert [done for done, n in reads_per_report if n] == [4, 8, 9]  # the reports, and only they
     assert [m["step"] for m in metrics(tmp_path / "run") if "loss" in m] == [4, 8, 9]
+
+
+def test_a_finished_run_stops_its_prefetch_thread(dataset, tmp_path):
+    """The background thread that builds the next step's batch ends with the run, not with the process."""
+    sys.path.insert(0, str(ROOT))
+    import threading
+
+    import train
+
+    cfg = train.parse_config(["--data", str(dataset), *TINY, "--max-steps", "3", "--global-batch-size", "4",
+                              "--out", str(tmp_path / "run"), "--prefetch"])
+    started = []
+    real_start = threading.Thread.start
+
+    def start(thread):
+        started.append(thread)
+        real_start(thread)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(threading.Thread, "start", start)
+        train.train(cfg, Dist())
+    prefetchers = [t for t in started if t.name == "mlm-prefetch"]
+    assert prefetchers and not any(t.is_alive() for t in prefetchers)
 
 
 # ----------------------------------------------------------------------------------------- nodes
@@ -156,9 +186,9 @@ def test_ranks_that_read_different_data_stop(dataset, monkeypatch):
 
     assert mlm.distributed.same_on_every_rank(Dist(), "x")  # one process always agrees with itself
     monkeypatch.setattr(pipeline, "same_on_every_rank", lambda job, value: False)
-    cfg = types.SimpleNamespace(out="unused", data=[str(dataset)], init=None, tokenizer=None)
+    plan = pipeline.DataPlan.of(TrainConfig(data=[str(dataset)]), Path("unused"))
     with pytest.raises(DataError, match="the ranks read different datasets from .*; prepare it once with prepare.py"):
-        pipeline.prepare_data(cfg, Path(cfg.out), Dist())
+        pipeline.prepare_data(plan, Dist())
 
 
 @pytest.mark.slow

@@ -1,7 +1,11 @@
 """FLOPs per token (mlm/flops.py) against numbers worked out by hand."""
 
 import math
-from mlm.flops import hardware_flops_per_token, model_flops_per_token, position_rows
+
+import torch
+
+from mlm.flops import PEAK_TFLOPS, hardware_flops_per_token, model_flops_per_token, peak_flops
+from mlm.kernels import position_rows
 from mlm.model import ModelConfig
 
 
@@ -26,7 +30,7 @@ def test_attention_grows_with_the_sequence_and_deberta_adds_its_position_terms()
     # query-key pair once more, 2 x C x T per layer forward (model FLOPs); the implementations score every
     # query against all 2k = 512 table rows, 2 x C x 512 (hardware FLOPs).
     v3 = ModelConfig(family="deberta-v2", vocab_size=128100, type_vocab_size=0, position_biased_input=False,
-                     pos_att_type="p2c|c2p", position_buckets=256)
+                     position_buckets=256)
     bert = ModelConfig(vocab_size=128100)
     assert model_flops_per_token(v3, 128, False) - model_flops_per_token(bert, 128, False) == 2 * 12 * 2 * 768 * 128
     hardware = hardware_flops_per_token(v3, 128, False, 1.0) - hardware_flops_per_token(bert, 128, False, 1.0)
@@ -34,11 +38,22 @@ def test_attention_grows_with_the_sequence_and_deberta_adds_its_position_terms()
     # mlm's relative shift scores each query against T + T/2 - 1 = 191 rows at T = 128.
     ours = hardware_flops_per_token(v3, 128, False, 1.0, position_rows(128))
     assert ours - hardware_flops_per_token(bert, 128, False, 1.0) == 2 * 12 * 2 * 768 * 191
-    c2p = ModelConfig(family="deberta-v2", vocab_size=128100, pos_att_type="c2p")
+    c2p = ModelConfig(family="deberta-v2", vocab_size=128100, position_terms=("c2p",))
     assert model_flops_per_token(c2p, 128, False) - model_flops_per_token(bert, 128, False) == 12 * 2 * 768 * 128
     # Narrower word embeddings (E = 128): a projection up to C, and a head that works at width E.
-    wide = ModelConfig(family="deberta-v2", pos_att_type="c2p")
-    narrow = ModelConfig(family="deberta-v2", pos_att_type="c2p", embedding_size=128)
+    wide = ModelConfig(family="deberta-v2", position_terms=("c2p",))
+    narrow = ModelConfig(family="deberta-v2", position_terms=("c2p",), embedding_size=128)
     head = {E: 2 * (768 * E + E * 30522) for E in (128, 768)}
     difference = model_flops_per_token(narrow, 128, False) - model_flops_per_token(wide, 128, False)
     assert difference == 2 * 128 * 768 + head[128] - head[768]
+
+
+def test_an_h200_nvl_gets_its_own_peak_not_the_sxm_one(monkeypatch):
+    """The first fragment of PEAK_TFLOPS that the device name holds wins: "H200 NVL" before "H200"."""
+    for name, bf16 in [("NVIDIA H200 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H100 80GB HBM3", 989),
+                       ("NVIDIA H100 NVL", 835), ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-80GB", 312)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_flops(torch.device("cuda"), "bf16") == bf16 * 1e12, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
+    assert peak_flops(torch.device("cuda"), "bf16") is None and peak_flops(torch.device("cpu"), "bf16") is None
+    assert list(PEAK_TFLOPS).index("H200 NVL") < list(PEAK_TFLOPS).index("H200")

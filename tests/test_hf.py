@@ -53,9 +53,9 @@ def test_save_over_an_existing_folder_replaces_files(hf_checkpoints, tmp_path):
     model, tokenizer = mlm.load_pretrained(hf_checkpoints["bert"])
     mlm.save_pretrained(model, tokenizer, tmp_path / "out")
     with torch.no_grad():
-        model.head.bias.fill_(0.5)
+        model.head.decoder.bias.fill_(0.5)
     mlm.save_pretrained(model, tokenizer, tmp_path / "out")
-    assert torch.all(load_model(tmp_path / "out").head.bias == 0.5)
+    assert torch.all(load_model(tmp_path / "out").head.decoder.bias == 0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary file left behind
         "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",

@@ -18,7 +18,10 @@ from conftest import FAMILIES, stdlib_docstrings
 
 import mlm
 from mlm import data as mdata
+from mlm import pipeline
+from mlm.config import TrainConfig
 from mlm.corpus import Corpus
+from mlm.data import Batch
 from mlm.distributed import Dist
 from mlm.errors import run_cli
 from mlm.evaluate import full_logits, labelled_logits, score_blocks, summarize
@@ -76,16 +79,10 @@ def bert_val(hf_checkpoints, tmp_path_factory, texts):
     return model, tokenizer, out
 
 
-def validation_set(data_dir: Path, tokenizer, block_size: int, n: int, seed: int, whole_word_mask=False) -> dict:
+def validation_set(data_dir: Path, tokenizer, block_size: int, n: int, seed: int, whole_word_mask=False) -> Batch:
     """The first n val blocks, masked once from seed: train.py's validation set for these settings."""
-    blocks = mdata.PackedBlocks(data_dir, "val", block_size, remainder="pad")
-    val = blocks.get(range(min(n, len(blocks))))
-    del val["doc_ids"]  # train.py keeps them only with --doc-attention
-    val["masked_ids"], val["labels"] = mask_eval_blocks(
-        val["input_ids"], seed=seed, attention_mask=val["attention_mask"],
-        word_starts=val["word_starts"] if whole_word_mask else None, mask_token_id=tokenizer.mask_token_id,
-        vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids, mlm_probability=0.15)
-    return val
+    cfg = TrainConfig(block_size=block_size, eval_blocks=n, seed=seed, whole_word_mask=whole_word_mask)
+    return pipeline.validation_set(cfg, data_dir, pipeline.Masking.of(cfg, tokenizer))
 
 
 def test_score_blocks_is_train_py_evaluate_and_adds_up_over_shares(bert_val):
@@ -158,9 +155,10 @@ def test_minilm_real_weights_with_one_fresh_head(minilm_dir, corpus_jsonl, capsy
     ids, labels = mask_eval_blocks(blocks["input_ids"], seed=0, attention_mask=blocks["attention_mask"],
                                    mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
                                    special_ids=tokenizer.special_ids)
+    batch = Batch(ids, labels, blocks["attention_mask"])
     with torch.no_grad():
-        ours, targets = labelled_logits(model, ids, blocks["attention_mask"], labels)  # (N, V), (N,)
-        theirs, their_targets = full_logits(reference, ids, blocks["attention_mask"], labels)
+        ours, targets = labelled_logits(model, batch)  # (N, V), (N,)
+        theirs, their_targets = full_logits(reference, batch)
     assert torch.equal(targets, their_targets) and len(targets) > 20
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert ours.std() > 0.5  # logits that vary: the head passes the encoder's differences on

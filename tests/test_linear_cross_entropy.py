@@ -300,8 +300,7 @@ def assert_compiles_once(backend="aot_eager", device="cpu", autocast=False, **ke
 
 @interpreted
 def test_fused_path_compiles_to_one_graph():
-    # use_triton=None: under the interpreter CPU tensors take the fused op, as CUDA tensors do on a GPU.
-    recorder = assert_compiles_once(chunk_size=8)
+    recorder = assert_compiles_once(use_triton=True, chunk_size=8)
     assert recorder.op_calls() == 1  # one opaque node: neither the chunk loop nor triton was traced
 
 
@@ -309,7 +308,7 @@ def test_fused_path_compiles_to_one_graph():
 def test_compiled_fused_path_under_autocast_matches_eager():
     # A compiled graph runs the op with autocast off (AOTAutograd bakes the casts into the other ops),
     # so the op takes the logits dtype as an argument; without it the compiled logits would be fp32.
-    recorder = assert_compiles_once(autocast=True, chunk_size=8)
+    recorder = assert_compiles_once(autocast=True, use_triton=True, chunk_size=8)
     assert recorder.op_calls() == 1
 
 
@@ -324,26 +323,31 @@ def test_custom_op_registrations(bias, weight_grad):
     torch.library.opcheck(torch.ops.mlm.linear_cross_entropy.default, args)
 
 
-def test_reference_path_compiles_to_one_graph(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_reference_path_compiles_to_one_graph():
     recorder = assert_compiles_once()
     assert recorder.op_calls() == 0  # plain CPU takes the reference, traced like any PyTorch code
 
 
-def test_dispatch_plain_cpu_uses_reference(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_dispatch_cpu_uses_reference_even_in_the_interpreter(monkeypatch):
+    """use_triton=None: the fused path for CUDA tensors; CPU ones take it only when asked (use_triton=True)."""
     monkeypatch.setattr(lce_module, "_fused", lambda *args: pytest.fail("took the Triton path on CPU"))
     leaves, targets = make_inputs(5, 97, 8, torch.float32)
     assert torch.equal(linear_cross_entropy(*leaves, targets), linear_cross_entropy_ref(*leaves, targets))
 
 
 @interpreted
-def test_dispatch_interpreter_uses_triton(monkeypatch):
+def test_the_installed_models_loss_takes_the_fused_path_in_the_interpreter(monkeypatch):
+    """mlm.kernels.install reads TRITON_INTERPRET once: a CPU model's loss then runs the Triton kernel."""
+    from mlm.kernels import install
+    from mlm.model import MaskedLM, ModelConfig
+
     calls = []
     fused = lce_module._fused
     monkeypatch.setattr(lce_module, "_fused", lambda *args: calls.append(1) or fused(*args))
-    leaves, targets = make_inputs(5, 97, 8, torch.float32)
-    linear_cross_entropy(*leaves, targets)
+    model = MaskedLM(ModelConfig(vocab_size=97, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=8))
+    assert "linear_cross_entropy" in install(model, "cpu")
+    ids = torch.randint(5, 97, (2, 7))
+    model(ids, labels=ids).backward()
     assert calls == [1]
 
 

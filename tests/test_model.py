@@ -10,7 +10,7 @@ from transformers import AutoModelForMaskedLM, BertModel
 import mlm
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
-from mlm.model import MaskedLM, ModelConfig, Ragged
+from mlm.model import MaskedLM, ModelConfig, bert
 
 
 def padded_batch(cfg, seed=0, B=4, T=19):
@@ -160,7 +160,8 @@ def test_document_mask_equals_running_each_document_alone(varlen):
     # Positions keep counting across a packed block (the second document starts at 5), while a document
     # run alone starts at 0: with every position row the same, the two runs see the same embeddings.
     with torch.no_grad():
-        model.embeddings.position.weight.copy_(model.embeddings.position.weight[0].clone())
+        position = model.encoder.embeddings.position.weight
+        position.copy_(position[0].clone())
     ids = torch.randint(5, 50, (1, 14))
     doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2])  # two documents, then padding
     with torch.no_grad():
@@ -198,8 +199,8 @@ def test_varlen_reads_the_lengths_to_the_host_once_per_batch(monkeypatch):
     build = torch.nested.nested_tensor_from_jagged
     monkeypatch.setattr(torch.nested, "nested_tensor_from_jagged",
                         lambda *a, **kw: made.append((kw.get("min_seqlen"), kw.get("max_seqlen"))) or build(*a, **kw))
-    from_offsets = Ragged.from_offsets.__func__
-    monkeypatch.setattr(Ragged, "from_offsets", classmethod(lambda cls, o: reads.append(1) or from_offsets(cls, o)))
+    pack = bert.pack
+    monkeypatch.setattr(bert, "pack", lambda *a: reads.append(1) or pack(*a))
     model.encode(ids, attention, doc_ids=doc_ids)
     assert len(reads) == 1
     assert made == [(2, 9)] * (3 * 3)  # q, k and v in each of the 3 layers

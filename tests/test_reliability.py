@@ -200,7 +200,7 @@ def test_auto_micro_batch_halves_on_out_of_memory_and_keeps_the_global_batch(dat
     common = ["--data", dataset, *TINY, "--max-steps", "6", "--global-batch-size", "8", "--dropout", "0"]
     auto = run(*common, "--micro-batch-size", "auto", "--out", tmp_path / "auto", inject="oom-above:4:0", tmp=tmp_path)
     assert auto.returncode == 0, auto.stderr[-3000:]
-    assert "out of memory with micro-batches of 8: step 0 again with 4" in auto.stderr
+    assert "out of memory with micro-batches of 8: trying 4" in auto.stderr
     assert "micro-batch size 4 (2 per step on each rank), chosen by --micro-batch-size auto" in auto.stderr
     assert {"step": 0, "micro_batch_size": 4} in metrics(tmp_path / "auto")
     state = torch.load(sorted((tmp_path / "auto" / "checkpoints").iterdir())[-1], weights_only=True)
@@ -222,7 +222,7 @@ def test_out_of_memory_without_auto_says_what_to_do(dataset, tmp_path):
                  inject="oom-above:4:0", tmp=tmp_path)
     assert result.returncode == 1
     assert error_line(result.stderr) == ("error: out of memory at step 0 with micro-batches of 8; resume with "
-                                         "--micro-batch-size 4 (or auto, which halves and retries)")
+                                         "--micro-batch-size 4 (or auto, which finds one before training)")
 
 
 # ---------------------------------------------------------------------------------- full disks

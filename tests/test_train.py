@@ -185,7 +185,7 @@ BAD_INPUT = [
     (["--global-batch-size", "6", "--micro-batch-size", "4"], "not a multiple of world size 1 x micro batch 4"),
     (["--init", "/does/not/exist"], "--init folder '/does/not/exist' does not exist"),
     (["--preset", "imdb"], "pass --init MODEL_DIR"),
-    (["--dtype", "fp8"], "--dtype must be fp32, bf16 or fp16"),
+    (["--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16, not 'fp8'"),
     (["--block-size", "4096"], "block_size 4096 exceeds"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--config", "/does/not/exist.toml"], "cannot read --config"),

@@ -10,12 +10,14 @@ torch's CPU kernel samples a Bernoulli per element, which costs about twice a un
 The mask is not the one `F.dropout` would draw from the same seed; only its distribution is the same.
 
 `dropout` falls back to `dropout_ref` (plain `F.dropout`) off the CPU, where torch's fused kernel is
-already fast, and at p = 1 (which drops everything).
+already fast, and at p = 1 (which drops everything). `install` makes a CPU model's nn.Dropout modules
+`Dropout`, computed by it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -32,3 +34,20 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return dropout_ref(x, p, training=True)
     keep = torch.rand(x.shape, device=x.device).ge_(p).div_(1.0 - p).to(x.dtype)  # 0 or 1/(1-p)
     return x * keep
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, the same `p` and train/eval switch, computed by `dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def install(model: nn.Module) -> int:
+    """Every nn.Dropout of the model computed by `dropout`, in place; returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        if type(module) is nn.Dropout:
+            module.__class__ = Dropout
+            count += 1
+    return count

@@ -13,6 +13,9 @@ over (V, C).
     x = embedding(ids, weight, padding_idx, tie)  # the lookup
     ... decoder_weight(weight, tie) ...           # the decoder's use of the same weight
 
+In a model, `install` makes the word embeddings a `TiedLookup`, which keeps the Tie of its last forward
+for the decoder (mlm/kernels/decoder.py) to pass to `decoder_weight`.
+
 Backward reaches the decoder first (it is the last use), then, through the encoder, the lookup. Should it
 ever run the other way round, each side returns its gradient to the weight the plain way and autograd sums
 them, as without the tie. Without a tie, off the CPU (where the dense buffer costs little), without
@@ -25,6 +28,7 @@ Shapes: V vocabulary (rows of the weight), C width, ids of any shape (...) -> (.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -99,3 +103,20 @@ def decoder_weight(weight: torch.Tensor, tie: Tie | None = None) -> torch.Tensor
     if not (_applies(weight, tie) and tie.linked):
         return weight
     return _Decoder.apply(weight, tie)
+
+
+class TiedLookup(nn.Embedding):
+    """nn.Embedding, the same weight, looked up by `embedding` with a fresh Tie at every call, kept in `tie`."""
+
+    tie: Tie | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.tie = Tie()
+        return embedding(ids, self.weight, self.padding_idx, self.tie)
+
+
+def install(model: nn.Module) -> TiedLookup:
+    """The model's word embeddings looked up as a TiedLookup, in place; returns it."""
+    lookup = model.word_embeddings
+    lookup.__class__ = TiedLookup
+    return lookup

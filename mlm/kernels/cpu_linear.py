@@ -14,20 +14,23 @@ layers. It has no autograd formula, so `_OneDNNLinear` supplies one from the sam
 
     y = x @ W.T + b      grad_x = g @ W      grad_W = g.T @ x      grad_b = g.sum(0)
 
-`linear` falls back to `linear_ref` (`F.linear`) wherever this does not apply: other devices or dtypes,
-CPU autocast (which already sends bf16 matmuls to oneDNN), inside torch.compile (which picks its own
-kernels), torch builds without oneDNN, Intel CPUs with MKL, and `MLM_ONEDNN_LINEAR=0` in the environment.
-`MLM_ONEDNN_LINEAR=1` takes oneDNN on Intel CPUs too.
+Installed from outside (`install`, called by `mlm.kernels.install`): every nn.Linear of a model becomes a
+`OneDNNLinear`, the same parameters under the same names. Whether to install is decided once, by
+`choose_gemm`: "auto" takes oneDNN where MKL is not the faster (not on Intel CPUs), "onednn" and "mkl"
+(F.linear) insist. Per call, `linear` falls back to `linear_ref` (`F.linear`) wherever it does not apply:
+other devices or dtypes, CPU autocast (which already sends bf16 matmuls to oneDNN), inside torch.compile
+(which picks its own kernels), and torch builds without oneDNN.
 
 Shapes: M rows, K input features, N output features.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from mlm.errors import ConfigError
 
 linear_ref = F.linear  # what the fast path must equal, up to fp32 rounding
 
@@ -90,6 +93,20 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+GEMMS = ("auto", "onednn", "mkl")
+
+
+def choose_gemm(choice: str = "auto") -> str:
+    """"onednn" or "mkl": the fp32 CPU GEMM linear layers use, from the user's choice and this machine."""
+    if choice not in GEMMS:
+        raise ConfigError(f"cpu_gemm must be one of {', '.join(GEMMS)}, not {choice!r}")
+    if choice == "onednn" and _op is None:
+        raise ConfigError("this torch build has no oneDNN linear op; use cpu_gemm mkl (or auto)")
+    if choice == "auto":
+        return "onednn" if _op is not None and not _MKL_FAST else "mkl"
+    return choice
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` takes the oneDNN path for these tensors (see the module docstring)."""
     return (
@@ -101,14 +118,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and _wanted()
     )
-
-
-def _wanted() -> bool:
-    """MLM_ONEDNN_LINEAR: "1" always, "0" never, unset: wherever MKL is not the faster (not Intel)."""
-    choice = os.environ.get("MLM_ONEDNN_LINEAR", "")
-    return choice == "1" or (choice != "0" and not _MKL_FAST)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,3 +126,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not applies(x, weight):
         return linear_ref(x, weight, bias)
     return _OneDNNLinear.apply(x, weight, bias)
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear, the same parameters and state-dict keys, computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def install(model: nn.Module) -> int:
+    """Every nn.Linear of the model computed by `linear`, in place; returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear  # no new parameters: the optimizer's and the state dict's stay
+            count += 1
+    return count

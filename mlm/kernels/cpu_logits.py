@@ -9,7 +9,7 @@ go straight into their columns of the one (M, V) output. Same math (the same bf1
 accumulation); only the matmul's blocking follows the slices, so a logit can differ from the reference's
 in its last bf16 bit.
 
-`vocab_logits` is `vocab_logits_ref` (`mlm.kernels.linear`) wherever this does not apply: without CPU autocast
+`vocab_logits` is `vocab_logits_ref` (`F.linear`) wherever this does not apply: without CPU autocast
 (an fp32 weight needs no cast), while autograd records (training scores the labelled rows through
 linear_cross_entropy), inside torch.compile, and for vocabularies under MIN_WORDS. Below that the table's
 cast is cheap enough that autocast's own way can be the faster: within one autocast context autocast keeps
@@ -21,10 +21,9 @@ Shapes: x (..., C), weight (V, C), bias (V,) -> (..., V).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .cpu_linear import linear
-
-vocab_logits_ref = linear  # what the fast path must equal, to bf16 rounding
+vocab_logits_ref = F.linear  # what the fast path must equal, to bf16 rounding
 
 CHUNK = 8192  # words per slice: 8192 x 768 fp32 is 25 MB, cast to 12.6 MB
 MIN_WORDS = 65536  # deberta-v3 (128,100 words) and larger; not BERT's 30,522 or RoBERTa's 50,265

@@ -27,9 +27,8 @@ of the distances: a quarter less to multiply, and products that fit the caches b
 of the halves into one (T, T) per term. The products are per head, over the B sequences at once, so pos_k
 and pos_q are neither repeated nor expanded per sequence.
 
-Per query the products span 1.5 T rows where the reference's span R (DeBERTa-v3: 255 of its 512 rows at
-T = 128, as the model passes only the rows T tokens reach; all 512 at T = 512, against 767 here). No gather
-or scatter makes up for it. Per layer of deberta-v3-base, forward and backward, on a quiet 2-core CPU, ms:
+Per query the products span 1.5 T rows where the reference's span all R (DeBERTa-v3: 512, against 191 here
+at T = 128 and 767 at T = 512). No gather or scatter makes up for it. Per layer of deberta-v3-base, forward and backward, on a quiet 2-core CPU, ms:
 
     B x T, dtype       halves   one product (no halves)   gather, per head   the reference (all 512 rows)
     2 x 512, fp32        99            161                      117                 143
@@ -37,34 +36,22 @@ or scatter makes up for it. Per layer of deberta-v3-base, forward and backward, 
     8 x 128, fp32        19             20                       24                  77
     8 x 128, bf16        11             11                       19                  67
 
-`disentangled_bias` falls back to the reference where the index is not square (T, T).
+`disentangled_bias` falls back to the reference where the index is not square (T, T). The reference is the
+model's own math, `mlm.model.deberta.position_bias`; `install` puts this function in its place.
 Shapes: B batch, H heads, T tokens, D head dim, R table rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+
+from mlm.model.deberta import DisentangledAttention
+from mlm.model.deberta import position_bias as disentangled_bias_ref
 
 
-def disentangled_bias_ref(
-    q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor | None, pos_k: torch.Tensor | None,
-    index: torch.Tensor, scale: float,
-) -> torch.Tensor:
-    """(B, H, T, T) = c2p + p2c by gathers. q, k (B, H, T, D); pos_q, pos_k (H, R, D) or None; index (T, T)."""
-    B, H, T, _ = q.shape
-    rows = index.expand(B, H, T, T)
-    bias = q.new_zeros(())
-    if pos_k is not None:
-        c2p = (q * scale) @ pos_k.transpose(-1, -2)  # (B, H, T, R): each query against every row
-        bias = bias + c2p.gather(-1, rows)  # (B, H, T, T)
-    if pos_q is not None:
-        p2c = k @ (pos_q * scale).transpose(-1, -2)  # (B, H, T, R): each key against every row
-        bias = bias + p2c.gather(-1, rows.transpose(-1, -2)).transpose(-1, -2)  # [i, j] from key j's row
-    return bias
-
-
-def scored_rows(T: int) -> int:
-    """Table rows each query (key) is multiplied with per term here, at most: T + ceil(T/2) - 1 (for utilisation)."""
+def position_rows(T: int) -> int:
+    """Table rows each query (key) is multiplied with per term here, at most: T + ceil(T/2) - 1 (for HFU)."""
     return T + (T + 1) // 2 - 1
 
 
@@ -111,3 +98,13 @@ def disentangled_bias(
         p2c = _relative_products(k, rows).transpose(-1, -2)  # (H, B, T, T): [i, j] from key j's row
         bias = p2c if bias is None else bias + p2c
     return bias.transpose(0, 1)  # (B, H, T, T)
+
+
+def install(model: nn.Module) -> int:
+    """The model's DeBERTa attention modules compute their position terms by `disentangled_bias`."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, DisentangledAttention):
+            module.position_bias = disentangled_bias  # an instance attribute, in front of the class's reference
+            count += 1
+    return count

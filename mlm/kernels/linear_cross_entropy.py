@@ -56,12 +56,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from . import cpu_linear
 
 try:
     import triton
@@ -88,7 +86,7 @@ def linear_cross_entropy_ref(
 
     hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) -> scalar fp32 loss. With no rows
     to count (N = 0 or all ignored) the loss is 0.0 rather than F.cross_entropy's 0/0 = NaN.
-    linear computes the logits: the dispatcher passes cpu_linear.linear, F.linear on the CPU by oneDNN.
+    linear computes the logits (the installed decoder passes oneDNN's where it chose that GEMM).
     """
     logits = linear(hidden, weight, bias)  # (N, V)
     total = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
@@ -141,12 +139,6 @@ def _jitted_kernel():
     return triton.jit(_softmax_minus_onehot_kernel)
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter. The variable, as triton itself reads it at jit time:
-    triton.knobs, which would say the same, only exists from Triton 3.4."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _on_device_of(t: torch.Tensor):
     """Make t's GPU the current one for a Triton launch, which goes to the current GPU and its stream
     whatever device its arguments are on: without this, `--device cuda:1` would run the kernel on GPU 0
@@ -157,9 +149,10 @@ def _on_device_of(t: torch.Tensor):
 def _softmax_minus_onehot_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Launch one program per row: overwrite logits (C, V_pad) with p - onehot, return the loss (C,)."""
     C, n_cols = logits.shape
-    # The interpreter runs each tile through numpy: small tiles keep tests quick and still cover
-    # several tiles and a ragged last one. On a GPU, 4096 columns is 8 tiles for BERT's vocabulary.
-    block_v = min(triton.next_power_of_2(n_cols), 128 if _interpreting() else 4096)
+    # CPU tensors reach here only in Triton's interpreter, which runs each tile through numpy: small tiles
+    # keep tests quick and still cover several tiles and a ragged last one. On a GPU, 4096 columns is 8
+    # tiles for BERT's vocabulary.
+    block_v = min(triton.next_power_of_2(n_cols), 128 if logits.device.type == "cpu" else 4096)
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
     with _on_device_of(logits):
         _jitted_kernel()[(C,)](
@@ -297,15 +290,17 @@ def linear_cross_entropy(
     *,
     use_triton: bool | None = None,
     chunk_size: int | None = None,
+    linear: Callable = F.linear,
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T + bias` against targets, fp32 scalar.
 
     hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) with ignore_index for rows to skip.
-    use_triton=None takes the chunked Triton path for CUDA tensors, or anywhere under
-    TRITON_INTERPRET=1, and the reference otherwise; True insists on Triton, False on the reference.
-    The interpreter needs TRITON_INTERPRET=1 before triton is first imported: triton.language's own
+    use_triton=None takes the chunked Triton path for CUDA tensors (where triton imports) and the reference
+    otherwise; True insists on Triton, False on the reference. On CPU tensors Triton runs only in its
+    interpreter, which needs TRITON_INTERPRET=1 before triton is first imported: triton.language's own
     helpers (tl.max, tl.sum) are jitted at import, and cannot run in the interpreter after that.
-    chunk_size is rows per chunk (default: as many as fit MAX_CHUNK_BYTES of logits).
+    chunk_size is rows per chunk (default: as many as fit MAX_CHUNK_BYTES of logits); linear computes the
+    reference's logits.
     """
     if (
         hidden.dim() != 2
@@ -317,10 +312,9 @@ def linear_cross_entropy(
         shapes = [None if t is None else tuple(t.shape) for t in (hidden, weight, bias, targets)]
         raise ValueError(f"expected hidden (N, D), weight (V, D), bias (V,) or None, targets (N,); got {shapes}")
     if use_triton is None:
-        # os.environ, which dynamo traces, so a compiled model on the CPU keeps its loss in the graph.
-        use_triton = triton is not None and (hidden.is_cuda or _interpreting())
+        use_triton = triton is not None and hidden.is_cuda
     if not use_triton:
-        return linear_cross_entropy_ref(hidden, weight, bias, targets, ignore_index, linear=cpu_linear.linear)
+        return linear_cross_entropy_ref(hidden, weight, bias, targets, ignore_index, linear=linear)
     if triton is None:
         raise RuntimeError("use_triton=True needs triton: pip install triton, or pass use_triton=None")
     return _fused(hidden, weight, bias, targets, ignore_index, chunk_size)
