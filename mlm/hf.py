@@ -1,14 +1,9 @@
 """Hugging Face-format folders in and out: `config.json`, weights, tokenizer files.
 
-Each family has one table, written out literally: HF parameter name -> ours. The same table drives loading
-and saving. In an HF name `{i}` is the layer index and `{base}` the encoder's prefix ("bert.", "roberta.",
-"distilbert.", "deberta."), which checkpoints of a bare encoder (BertModel, all-MiniLM-L6-v2) do not have. A
-tuple of HF names is one of our tensors cut along dim 0: our fused QKV projection is HF's query, key and value.
-`None` marks a key HF writes that our model has no use for; it is there so the table names every key.
-DeBERTa names its MLM head in two ways; config.json's `legacy` says which one the checkpoint uses (table_for).
-On loading, every key the model does not use, in the table or not (a classifier, any other head), is
-skipped with one note naming them; missing weights and shape mismatches are errors.
-"""
+Each family's key table (mlm/hf_tables.py, written out literally) drives loading and saving alike;
+`expand` fills in its layer indices and prefix. On loading, every key the model does not use, in the
+table or not (a classifier, any other head), is skipped with one note naming them; missing weights
+and shape mismatches are errors."""
 
 from __future__ import annotations
 
@@ -24,224 +19,13 @@ from safetensors import safe_open
 
 from mlm.distributed import check_device
 from mlm.errors import CheckpointError, UnsupportedModelError
+from mlm.hf_tables import ARCHITECTURE, BASE, CONFIG_FIELDS, DEBERTA_DEFAULTS, DEBERTA_HEADS, KEYS
 from mlm.io import atomic_write
 from mlm.kernels import install
 from mlm.model import MaskedLM, ModelConfig
 from mlm.tokenizer import Tokenizer
 
 log = logging.getLogger("mlm")
-
-BERT_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
-    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
-    "{base}embeddings.token_type_embeddings.weight": "encoder.embeddings.token_type.weight",
-    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
-    "{base}embeddings.position_ids": None,  # buffers that older transformers versions saved
-    "{base}embeddings.token_type_ids": None,
-    ("{base}encoder.layer.{i}.attention.self.query.weight",
-     "{base}encoder.layer.{i}.attention.self.key.weight",
-     "{base}encoder.layer.{i}.attention.self.value.weight"): "encoder.blocks.{i}.attn.qkv.weight",
-    ("{base}encoder.layer.{i}.attention.self.query.bias",
-     "{base}encoder.layer.{i}.attention.self.key.bias",
-     "{base}encoder.layer.{i}.attention.self.value.bias"): "encoder.blocks.{i}.attn.qkv.bias",
-    "{base}encoder.layer.{i}.attention.output.dense.weight": "encoder.blocks.{i}.attn.proj.weight",
-    "{base}encoder.layer.{i}.attention.output.dense.bias": "encoder.blocks.{i}.attn.proj.bias",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "encoder.blocks.{i}.attn_norm.weight",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "encoder.blocks.{i}.attn_norm.bias",
-    "{base}encoder.layer.{i}.intermediate.dense.weight": "encoder.blocks.{i}.fc1.weight",
-    "{base}encoder.layer.{i}.intermediate.dense.bias": "encoder.blocks.{i}.fc1.bias",
-    "{base}encoder.layer.{i}.output.dense.weight": "encoder.blocks.{i}.fc2.weight",
-    "{base}encoder.layer.{i}.output.dense.bias": "encoder.blocks.{i}.fc2.bias",
-    "{base}encoder.layer.{i}.output.LayerNorm.weight": "encoder.blocks.{i}.mlp_norm.weight",
-    "{base}encoder.layer.{i}.output.LayerNorm.bias": "encoder.blocks.{i}.mlp_norm.bias",
-    "{base}pooler.dense.weight": None,  # the [CLS] pooler, used by next-sentence and sentence tasks
-    "{base}pooler.dense.bias": None,
-    "cls.predictions.transform.dense.weight": "head.dense.weight",
-    "cls.predictions.transform.dense.bias": "head.dense.bias",
-    "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
-    "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
-    "cls.predictions.bias": "head.decoder.bias",
-    "cls.predictions.decoder.weight": None,  # tied to the word embeddings
-    "cls.predictions.decoder.bias": None,  # the same tensor as cls.predictions.bias
-    "cls.seq_relationship.weight": None,  # BertForPreTraining's next-sentence head
-    "cls.seq_relationship.bias": None,
-}
-
-ROBERTA_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
-    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
-    "{base}embeddings.token_type_embeddings.weight": "encoder.embeddings.token_type.weight",
-    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
-    "{base}embeddings.position_ids": None,  # buffers that older transformers versions saved
-    "{base}embeddings.token_type_ids": None,
-    ("{base}encoder.layer.{i}.attention.self.query.weight",
-     "{base}encoder.layer.{i}.attention.self.key.weight",
-     "{base}encoder.layer.{i}.attention.self.value.weight"): "encoder.blocks.{i}.attn.qkv.weight",
-    ("{base}encoder.layer.{i}.attention.self.query.bias",
-     "{base}encoder.layer.{i}.attention.self.key.bias",
-     "{base}encoder.layer.{i}.attention.self.value.bias"): "encoder.blocks.{i}.attn.qkv.bias",
-    "{base}encoder.layer.{i}.attention.output.dense.weight": "encoder.blocks.{i}.attn.proj.weight",
-    "{base}encoder.layer.{i}.attention.output.dense.bias": "encoder.blocks.{i}.attn.proj.bias",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "encoder.blocks.{i}.attn_norm.weight",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "encoder.blocks.{i}.attn_norm.bias",
-    "{base}encoder.layer.{i}.intermediate.dense.weight": "encoder.blocks.{i}.fc1.weight",
-    "{base}encoder.layer.{i}.intermediate.dense.bias": "encoder.blocks.{i}.fc1.bias",
-    "{base}encoder.layer.{i}.output.dense.weight": "encoder.blocks.{i}.fc2.weight",
-    "{base}encoder.layer.{i}.output.dense.bias": "encoder.blocks.{i}.fc2.bias",
-    "{base}encoder.layer.{i}.output.LayerNorm.weight": "encoder.blocks.{i}.mlp_norm.weight",
-    "{base}encoder.layer.{i}.output.LayerNorm.bias": "encoder.blocks.{i}.mlp_norm.bias",
-    "{base}pooler.dense.weight": None,  # RobertaModel's [CLS] pooler
-    "{base}pooler.dense.bias": None,
-    "lm_head.dense.weight": "head.dense.weight",
-    "lm_head.dense.bias": "head.dense.bias",
-    "lm_head.layer_norm.weight": "head.norm.weight",
-    "lm_head.layer_norm.bias": "head.norm.bias",
-    "lm_head.bias": "head.decoder.bias",
-    "lm_head.decoder.weight": None,  # tied to the word embeddings
-    "lm_head.decoder.bias": None,  # the same tensor as lm_head.bias
-}
-
-DISTILBERT_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
-    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
-    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
-    "{base}embeddings.position_ids": None,  # a buffer that older transformers versions saved
-    ("{base}transformer.layer.{i}.attention.q_lin.weight",
-     "{base}transformer.layer.{i}.attention.k_lin.weight",
-     "{base}transformer.layer.{i}.attention.v_lin.weight"): "encoder.blocks.{i}.attn.qkv.weight",
-    ("{base}transformer.layer.{i}.attention.q_lin.bias",
-     "{base}transformer.layer.{i}.attention.k_lin.bias",
-     "{base}transformer.layer.{i}.attention.v_lin.bias"): "encoder.blocks.{i}.attn.qkv.bias",
-    "{base}transformer.layer.{i}.attention.out_lin.weight": "encoder.blocks.{i}.attn.proj.weight",
-    "{base}transformer.layer.{i}.attention.out_lin.bias": "encoder.blocks.{i}.attn.proj.bias",
-    "{base}transformer.layer.{i}.sa_layer_norm.weight": "encoder.blocks.{i}.attn_norm.weight",
-    "{base}transformer.layer.{i}.sa_layer_norm.bias": "encoder.blocks.{i}.attn_norm.bias",
-    "{base}transformer.layer.{i}.ffn.lin1.weight": "encoder.blocks.{i}.fc1.weight",
-    "{base}transformer.layer.{i}.ffn.lin1.bias": "encoder.blocks.{i}.fc1.bias",
-    "{base}transformer.layer.{i}.ffn.lin2.weight": "encoder.blocks.{i}.fc2.weight",
-    "{base}transformer.layer.{i}.ffn.lin2.bias": "encoder.blocks.{i}.fc2.bias",
-    "{base}transformer.layer.{i}.output_layer_norm.weight": "encoder.blocks.{i}.mlp_norm.weight",
-    "{base}transformer.layer.{i}.output_layer_norm.bias": "encoder.blocks.{i}.mlp_norm.bias",
-    "vocab_transform.weight": "head.dense.weight",
-    "vocab_transform.bias": "head.dense.bias",
-    "vocab_layer_norm.weight": "head.norm.weight",
-    "vocab_layer_norm.bias": "head.norm.bias",
-    "vocab_projector.bias": "head.decoder.bias",
-    "vocab_projector.weight": None,  # tied to the word embeddings
-}
-
-DEBERTA_V2_KEYS = {
-    "{base}embeddings.word_embeddings.weight": "encoder.embeddings.word.weight",
-    # Read only with position_biased_input; v3 checkpoints carry an unused table, skipped as transformers does.
-    "{base}embeddings.position_embeddings.weight": "encoder.embeddings.position.weight",
-    "{base}embeddings.token_type_embeddings.weight": "encoder.embeddings.token_type.weight",
-    "{base}embeddings.embed_proj.weight": "encoder.embeddings.proj.weight",  # only when embedding_size != hidden_size
-    "{base}embeddings.LayerNorm.weight": "encoder.embeddings.norm.weight",
-    "{base}embeddings.LayerNorm.bias": "encoder.embeddings.norm.bias",
-    "{base}embeddings.position_ids": None,  # a buffer that older transformers versions saved
-    ("{base}encoder.layer.{i}.attention.self.query_proj.weight",
-     "{base}encoder.layer.{i}.attention.self.key_proj.weight",
-     "{base}encoder.layer.{i}.attention.self.value_proj.weight"): "encoder.blocks.{i}.attn.qkv.weight",
-    ("{base}encoder.layer.{i}.attention.self.query_proj.bias",
-     "{base}encoder.layer.{i}.attention.self.key_proj.bias",
-     "{base}encoder.layer.{i}.attention.self.value_proj.bias"): "encoder.blocks.{i}.attn.qkv.bias",
-    # share_att_key=false (v2): positions have projections of their own, for c2p and for p2c.
-    "{base}encoder.layer.{i}.attention.self.pos_key_proj.weight": "encoder.blocks.{i}.attn.pos_key.weight",
-    "{base}encoder.layer.{i}.attention.self.pos_key_proj.bias": "encoder.blocks.{i}.attn.pos_key.bias",
-    "{base}encoder.layer.{i}.attention.self.pos_query_proj.weight": "encoder.blocks.{i}.attn.pos_query.weight",
-    "{base}encoder.layer.{i}.attention.self.pos_query_proj.bias": "encoder.blocks.{i}.attn.pos_query.bias",
-    "{base}encoder.layer.{i}.attention.output.dense.weight": "encoder.blocks.{i}.attn.proj.weight",
-    "{base}encoder.layer.{i}.attention.output.dense.bias": "encoder.blocks.{i}.attn.proj.bias",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.weight": "encoder.blocks.{i}.attn_norm.weight",
-    "{base}encoder.layer.{i}.attention.output.LayerNorm.bias": "encoder.blocks.{i}.attn_norm.bias",
-    "{base}encoder.layer.{i}.intermediate.dense.weight": "encoder.blocks.{i}.fc1.weight",
-    "{base}encoder.layer.{i}.intermediate.dense.bias": "encoder.blocks.{i}.fc1.bias",
-    "{base}encoder.layer.{i}.output.dense.weight": "encoder.blocks.{i}.fc2.weight",
-    "{base}encoder.layer.{i}.output.dense.bias": "encoder.blocks.{i}.fc2.bias",
-    "{base}encoder.layer.{i}.output.LayerNorm.weight": "encoder.blocks.{i}.mlp_norm.weight",
-    "{base}encoder.layer.{i}.output.LayerNorm.bias": "encoder.blocks.{i}.mlp_norm.bias",
-    "{base}encoder.rel_embeddings.weight": "encoder.relative.table.weight",
-    "{base}encoder.LayerNorm.weight": "encoder.relative.norm.weight",  # norm_rel_ebd = "layer_norm": the table's norm
-    "{base}encoder.LayerNorm.bias": "encoder.relative.norm.bias",
-    # The MLM head under one of two names, which config.json's `legacy` picks (head_table): legacy ...
-    "cls.predictions.transform.dense.weight": "head.dense.weight",
-    "cls.predictions.transform.dense.bias": "head.dense.bias",
-    "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
-    "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
-    "cls.predictions.bias": "head.decoder.bias",
-    "cls.predictions.decoder.weight": None,  # tied to the word embeddings
-    "cls.predictions.decoder.bias": None,  # the same tensor as cls.predictions.bias
-    # ... or not: the original DeBERTa code's names.
-    "lm_predictions.lm_head.dense.weight": "head.dense.weight",
-    "lm_predictions.lm_head.dense.bias": "head.dense.bias",
-    "lm_predictions.lm_head.LayerNorm.weight": "head.norm.weight",
-    "lm_predictions.lm_head.LayerNorm.bias": "head.norm.bias",
-    "lm_predictions.lm_head.bias": "head.decoder.bias",
-    # v3's replaced-token-detection (ELECTRA discriminator) head, which transformers does not load either.
-    "mask_predictions.dense.weight": None,
-    "mask_predictions.dense.bias": None,
-    "mask_predictions.LayerNorm.weight": None,
-    "mask_predictions.LayerNorm.bias": None,
-    "mask_predictions.classifier.weight": None,
-    "mask_predictions.classifier.bias": None,
-}
-DEBERTA_HEADS = {True: "cls.predictions.", False: "lm_predictions.lm_head."}  # by ModelConfig.legacy_head
-
-KEYS = {"bert": BERT_KEYS, "roberta": ROBERTA_KEYS, "distilbert": DISTILBERT_KEYS, "deberta-v2": DEBERTA_V2_KEYS}
-BASE = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert.", "deberta-v2": "deberta."}
-ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM",
-                "deberta-v2": "DebertaV2ForMaskedLM"}
-
-# HF config.json <-> ModelConfig. BERT and RoBERTa share field names; DistilBERT has its own.
-_BERT_CONFIG = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "intermediate_size": "intermediate_size",
-    "max_position_embeddings": "max_position_embeddings",
-    "type_vocab_size": "type_vocab_size",
-    "hidden_act": "hidden_act",
-    "layer_norm_eps": "layer_norm_eps",
-    "pad_token_id": "pad_token_id",
-    "hidden_dropout": "hidden_dropout_prob",
-    "attention_dropout": "attention_probs_dropout_prob",
-    "initializer_range": "initializer_range",
-}
-CONFIG_FIELDS = {
-    "bert": _BERT_CONFIG,
-    "roberta": _BERT_CONFIG,
-    "deberta-v2": {
-        **_BERT_CONFIG,
-        "position_biased_input": "position_biased_input",
-        "position_buckets": "position_buckets",
-        "max_relative_positions": "max_relative_positions",
-        "share_att_key": "share_att_key",
-        "legacy_head": "legacy",
-    },  # + embedding_size, pos_att_type (position_terms) and norm_rel_ebd, which change form (config_from_hf)
-    "distilbert": {
-        "vocab_size": "vocab_size",
-        "hidden_size": "dim",
-        "num_layers": "n_layers",
-        "num_heads": "n_heads",
-        "intermediate_size": "hidden_dim",
-        "max_position_embeddings": "max_position_embeddings",
-        "hidden_act": "activation",
-        "pad_token_id": "pad_token_id",
-        "hidden_dropout": "dropout",
-        "attention_dropout": "attention_dropout",
-        "initializer_range": "initializer_range",
-    },
-}
-# What transformers assumes when a DeBERTa config.json leaves a field out (DebertaV2Config and getattr defaults).
-DEBERTA_DEFAULTS = {
-    "type_vocab_size": 0, "layer_norm_eps": 1e-7, "relative_attention": False, "position_biased_input": True,
-    "pos_att_type": None, "position_buckets": -1, "max_relative_positions": -1, "share_att_key": False,
-    "norm_rel_ebd": "none", "legacy": True, "conv_kernel_size": 0,
-}
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -250,18 +34,25 @@ def config_from_hf(hf: dict) -> ModelConfig:
     family = hf.get("model_type")
     if family not in KEYS:
         raise UnsupportedModelError(
-            f"model_type {family!r} is not supported; mlm loads bert, roberta, distilbert and deberta-v2 checkpoints"
+            f"model_type {family!r} is not supported; mlm loads bert, roberta, distilbert and "
+            "deberta-v2 checkpoints"
         )
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError(
-            f"position_embedding_type {hf['position_embedding_type']!r} is not supported; only 'absolute' is"
+            f"position_embedding_type {hf['position_embedding_type']!r} is not supported; only "
+            "'absolute' is"
         )
     if hf.get("tie_word_embeddings", True) is False:
-        raise UnsupportedModelError("tie_word_embeddings=false is not supported; the MLM decoder is tied to the embeddings")
+        raise UnsupportedModelError(
+            "tie_word_embeddings=false is not supported; the MLM decoder is tied to the embeddings"
+        )
     defaults = ModelConfig()
     if family == "deberta-v2":
         hf = {**DEBERTA_DEFAULTS, **hf}
-    values = {ours: hf.get(theirs, getattr(defaults, ours)) for ours, theirs in CONFIG_FIELDS[family].items()}
+    values = {
+        ours: hf.get(theirs, getattr(defaults, ours))
+        for ours, theirs in CONFIG_FIELDS[family].items()
+    }
     if values["pad_token_id"] is None:
         values["pad_token_id"] = 0
     values["head_act"] = values["hidden_act"]
@@ -275,30 +66,49 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def _deberta_from_hf(hf: dict, hidden: int, heads: int) -> dict:
-    """The DeBERTa fields that change form between config.json and ModelConfig; refuses what mlm does not run."""
+    """The DeBERTa fields that change form between config.json and ModelConfig; refuses what mlm
+    does not run."""
     if hf["conv_kernel_size"] > 0:
-        raise UnsupportedModelError(f"conv_kernel_size {hf['conv_kernel_size']} (the convolution layer of "
-                                    "deberta-v2-xlarge/xxlarge) is not supported; mlm runs DeBERTa without it")
+        raise UnsupportedModelError(
+            f"conv_kernel_size {hf['conv_kernel_size']} (the convolution layer of "
+            "deberta-v2-xlarge/xxlarge) is not supported; mlm runs DeBERTa without it"
+        )
     if not hf["relative_attention"]:
         raise UnsupportedModelError(
             "relative_attention=false is not supported; mlm runs DeBERTa with relative attention"
         )
     if hf.get("attention_head_size", hidden // heads) != hidden // heads:
-        raise UnsupportedModelError(f"attention_head_size {hf['attention_head_size']} is not supported; mlm needs "
-                                    f"hidden_size / num_attention_heads = {hidden // heads}")
+        raise UnsupportedModelError(
+            f"attention_head_size {hf['attention_head_size']} is not supported; mlm needs "
+            f"hidden_size / num_attention_heads = {hidden // heads}"
+        )
     if hf.get("z_steps"):
-        raise UnsupportedModelError(f"z_steps {hf['z_steps']} (re-running the last layer) is not supported")
+        raise UnsupportedModelError(
+            f"z_steps {hf['z_steps']} (re-running the last layer) is not supported"
+        )
     terms = hf["pos_att_type"] or []
-    terms = [t.strip().lower() for t in (terms.split("|") if isinstance(terms, str) else terms) if t.strip()]
+    terms = [
+        t.strip().lower()
+        for t in (terms.split("|") if isinstance(terms, str) else terms)
+        if t.strip()
+    ]
     if not terms or set(terms) - {"c2p", "p2c"}:
-        raise UnsupportedModelError(f"pos_att_type {hf['pos_att_type']!r} is not supported; mlm runs c2p, p2c or both")
+        raise UnsupportedModelError(
+            f"pos_att_type {hf['pos_att_type']!r} is not supported; mlm runs c2p, p2c or both"
+        )
     embedding_size = hf.get("embedding_size") or hidden
     if not hf["legacy"] and embedding_size != hidden:
-        raise UnsupportedModelError(f"legacy=false with embedding_size {embedding_size} != hidden_size {hidden}: "
-                                    "that head cannot be tied to the embeddings (transformers fails on it too)")
+        raise UnsupportedModelError(
+            f"legacy=false with embedding_size {embedding_size} != hidden_size {hidden}: "
+            "that head cannot be tied to the embeddings (transformers fails on it too)"
+        )
     norm = [x.strip() for x in str(hf["norm_rel_ebd"]).lower().split("|")]
-    return dict(position_terms=tuple(terms), embedding_size=embedding_size,
-                norm_relative="layer_norm" in norm, position_buckets=max(hf["position_buckets"], 0))
+    return dict(
+        position_terms=tuple(terms),
+        embedding_size=embedding_size,
+        norm_relative="layer_norm" in norm,
+        position_buckets=max(hf["position_buckets"], 0),
+    )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -311,8 +121,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.family == "distilbert":
         out.update(sinusoidal_pos_embds=False)
     elif cfg.family == "deberta-v2":
-        out.update(relative_attention=True, pos_att_type=list(cfg.position_terms),
-                   norm_rel_ebd="layer_norm" if cfg.norm_relative else "none", embedding_size=cfg.embedding_size)
+        out.update(
+            relative_attention=True,
+            pos_att_type=list(cfg.position_terms),
+            norm_rel_ebd="layer_norm" if cfg.norm_relative else "none",
+            embedding_size=cfg.embedding_size,
+        )
     else:
         out["position_embedding_type"] = "absolute"
     return out
@@ -320,37 +134,50 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------ weights
 def expand(table: dict, base: str, num_layers: int) -> list[tuple[tuple[str, ...], str | None]]:
-    """A table's entries with {base} and {i} filled in, one per layer: (HF names, our name or None)."""
+    """A table's entries with {base} and {i} filled in, one per layer: (HF names, our name or
+    None)."""
     out = []
     for theirs, ours in table.items():
         theirs = theirs if isinstance(theirs, tuple) else (theirs,)
         for i in range(num_layers) if "{i}" in theirs[0] else [None]:
-            out.append((tuple(t.format(base=base, i=i) for t in theirs), None if ours is None else ours.format(i=i)))
+            out.append(
+                (
+                    tuple(t.format(base=base, i=i) for t in theirs),
+                    None if ours is None else ours.format(i=i),
+                )
+            )
     return out
 
 
 def table_for(cfg: ModelConfig) -> dict:
-    """The family's table as this config reads it. Of DeBERTa's two head namings only the one config.json's
-    `legacy` picks is the head, on loading and on saving; the other's keys are then unused, as in transformers."""
+    """The family's table as this config reads it. Of DeBERTa's two head namings only the one
+    config.json's `legacy` picks is the head, on loading and on saving; the other's keys are then
+    unused, as in transformers."""
     if cfg.family != "deberta-v2":
         return KEYS[cfg.family]
     other = DEBERTA_HEADS[not cfg.legacy_head]  # head keys are plain strings, never QKV tuples
-    return {theirs: None if str(theirs).startswith(other) else ours for theirs, ours in KEYS[cfg.family].items()}
+    return {
+        theirs: None if str(theirs).startswith(other) else ours
+        for theirs, ours in KEYS[cfg.family].items()
+    }
 
 
 def state_dict_from_hf(
     model: MaskedLM, hf_state: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Map an HF state dict onto the model's names: (our state dict, our keys left freshly initialised).
+    """Map an HF state dict onto the model's names: (our state dict, our keys left freshly
+    initialised).
 
-    Keys the model has no use for are skipped with one note naming them, as transformers does. Missing
-    weights and shape mismatches raise CheckpointError naming the keys.
-    """
+    Keys the model has no use for are skipped with one note naming them, as transformers does.
+    Missing weights and shape mismatches raise CheckpointError naming the keys."""
     cfg, expected = model.config, model.state_dict()
     # Legacy TF-era names: LayerNorm.gamma/beta are weight/bias.
-    hf_state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in hf_state.items()}
-    # With the family's prefix or, for a bare encoder, without: whichever finds more keys (the prefix on a tie,
-    # so that an error names the keys a full checkpoint has).
+    hf_state = {
+        re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v
+        for k, v in hf_state.items()
+    }
+    # With the family's prefix or, for a bare encoder, without: whichever finds more keys (the
+    # prefix on a tie, so that an error names the keys a full checkpoint has).
     readings = [expand(table_for(cfg), base, cfg.num_layers) for base in (BASE[cfg.family], "")]
     entries = max(readings, key=lambda e: sum(n in hf_state for names, _ in e for n in names))
     # `None` entries, and entries for parameters this config does not have (token types when
@@ -367,7 +194,9 @@ def state_dict_from_hf(
         if any(n not in hf_state for n in names):
             missing += [n for n in names if n not in hf_state]
             continue
-        state[ours] = torch.cat([hf_state[n] for n in names]) if len(names) > 1 else hf_state[names[0]]
+        state[ours] = (
+            torch.cat([hf_state[n] for n in names]) if len(names) > 1 else hf_state[names[0]]
+        )
         used.update(names)
     if missing:
         problem = f"checkpoint does not match a {cfg.family} model"
@@ -376,11 +205,17 @@ def state_dict_from_hf(
             problem += f": its keys are {found} (is model_type in config.json right?)"
         raise CheckpointError(f"{problem}; missing keys: {_summarise(missing)}")
     shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()}
-    wrong = [f"{'+'.join(wanted[k])} {have} vs {want}" for k, (have, want) in shapes.items() if have != want]
+    wrong = [
+        f"{'+'.join(wanted[k])} {have} vs {want}"
+        for k, (have, want) in shapes.items()
+        if have != want
+    ]
     if wrong:
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        raise CheckpointError(f"{len(wrong)} tensors do not have the shapes config.json gives them: "
-                              f"{'; '.join(wrong[:3])}{more}; the folder mixes files of two models")
+        raise CheckpointError(
+            f"{len(wrong)} tensors do not have the shapes config.json gives them: "
+            f"{'; '.join(wrong[:3])}{more}; the folder mixes files of two models"
+        )
     unused = [k for k in hf_state if k not in used]
     if unused:
         log.info("ignored %d unused checkpoint keys (%s)", len(unused), _summarise(unused))
@@ -388,7 +223,8 @@ def state_dict_from_hf(
 
 
 def state_dict_to_hf(model: MaskedLM) -> dict[str, torch.Tensor]:
-    """Our state dict under HF's names, QKV cut back into query, key and value, ready for safetensors."""
+    """Our state dict under HF's names, QKV cut back into query, key and value, ready for
+    safetensors."""
     cfg, ours = model.config, model.state_dict()
     out = {}
     for names, name in expand(table_for(cfg), BASE[cfg.family], cfg.num_layers):
@@ -400,8 +236,9 @@ def state_dict_to_hf(model: MaskedLM) -> dict[str, torch.Tensor]:
 
 
 def _summarise(keys: list[str]) -> str:
-    """Keys named compactly for one line, in their order: keys that differ only in a layer index are named
-    once with * for it, a weight and its bias as `name.*`; a key on its own is named in full."""
+    """Keys named compactly for one line, in their order: keys that differ only in a layer index are
+    named once with * for it, a weight and its bias as `name.*`; a key on its own is named in
+    full."""
     by_pattern: dict[str, list[str]] = {}
     for k in keys:
         by_pattern.setdefault(re.sub(r"(?<=\.)\d+(?=\.)", "*", k), []).append(k)
@@ -411,20 +248,24 @@ def _summarise(keys: list[str]) -> str:
         parent, _, leaf = name.rpartition(".")
         by_parent.setdefault(parent if leaf in ("weight", "bias") else name, []).append(name)
     return ", ".join(
-        group[0] if len(group) == 1 else parent.removesuffix(".*") + ".*" for parent, group in by_parent.items()
+        group[0] if len(group) == 1 else parent.removesuffix(".*") + ".*"
+        for parent, group in by_parent.items()
     )
 
 
 # ------------------------------------------------------------------------------------------ reading
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: model.safetensors, a sharded safetensors index, or pytorch_model.bin."""
+    """All tensors of a folder: model.safetensors, a sharded safetensors index, or
+    pytorch_model.bin."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
             try:
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid shard index ({e}); re-save the model") from None
+                raise CheckpointError(
+                    f"{index} is not a valid shard index ({e}); re-save the model"
+                ) from None
             state = {}
             for shard in shards:
                 state.update(_read_file(folder / shard))
@@ -433,7 +274,8 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / name).is_file():
             return _read_file(folder / name)
     raise CheckpointError(
-        f"no weights in {str(folder)!r}: expected model.safetensors, a sharded index, or pytorch_model.bin"
+        f"no weights in {str(folder)!r}: expected model.safetensors, a sharded index, or "
+        "pytorch_model.bin"
     )
 
 
@@ -444,40 +286,53 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
-        # weights_only: a .bin is a pickle, and a pickle from the internet can run code; this refuses that.
+        # weights_only: a .bin is a pickle, and a pickle from the internet can run code; this
+        # refuses that.
         return torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors and torch raise many types for a damaged file
-        raise CheckpointError(f"cannot read {str(path)!r} ({type(e).__name__}: {e}); the file is damaged") from None
+        raise CheckpointError(
+            f"cannot read {str(path)!r} ({type(e).__name__}: {e}); the file is damaged"
+        ) from None
 
 
 def read_hf_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not folder.is_dir():
-        raise CheckpointError(f"model folder {str(folder)!r} does not exist; pass a local Hugging Face model folder")
+        raise CheckpointError(
+            f"model folder {str(folder)!r} does not exist; pass a local Hugging Face model folder"
+        )
     if not path.is_file():
-        raise CheckpointError(f"no config.json in {str(folder)!r}; this is not a Hugging Face model folder")
+        raise CheckpointError(
+            f"no config.json in {str(folder)!r}; this is not a Hugging Face model folder"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-# ------------------------------------------------------------------------------------------ public API
-def load_model(path: str | os.PathLike, device=None, dtype=None, *, kernels: bool = True) -> MaskedLM:
-    """Our MaskedLM with the weights of a local HF folder, in eval mode, with this device's fast paths
-    installed (mlm.kernels.install) unless kernels=False."""
+# --------------------------------------------------------------------------------------- public API
+def load_model(
+    path: str | os.PathLike, device=None, dtype=None, *, kernels: bool = True
+) -> MaskedLM:
+    """Our MaskedLM with the weights of a local HF folder, in eval mode, with this device's fast
+    paths installed (mlm.kernels.install) unless kernels=False."""
     folder = Path(path)
     check_device(device)
     model = MaskedLM(config_from_hf(read_hf_config(folder)))
     state, new_keys = state_dict_from_hf(model, read_hf_weights(folder))
     model.load_state_dict(state, strict=not new_keys)
     if new_keys:
-        # An encoder-only checkpoint, or DeBERTa-v3's, which ships no head under the names its config.json gives:
-        # transformers initialises a fresh head too.
-        log.warning("%s has no MLM head weights (%s): the head is newly initialised and must be trained "
-                    "before its predictions mean anything", folder, _head_names(model.config))
+        # An encoder-only checkpoint, or DeBERTa-v3's, which ships no head under the names its
+        # config.json gives: transformers initialises a fresh head too.
+        log.warning(
+            "%s has no MLM head weights (%s): the head is newly initialised and must be trained "
+            "before its predictions mean anything",
+            folder,
+            _head_names(model.config),
+        )
     model = model.to(device=device, dtype=dtype).eval()
     if kernels:
         install(model)
@@ -486,31 +341,39 @@ def load_model(path: str | os.PathLike, device=None, dtype=None, *, kernels: boo
 
 def _head_names(cfg: ModelConfig) -> str:
     """The HF prefix of the head's keys in this config's table, for messages."""
-    names = [n for names, ours in expand(table_for(cfg), "", 0) if ours and ours.startswith("head.") for n in names]
+    names = [
+        n
+        for names, ours in expand(table_for(cfg), "", 0)
+        if ours and ours.startswith("head.")
+        for n in names
+    ]
     return os.path.commonprefix(names) + "*"
 
 
 def load_pretrained(
     path: str | os.PathLike, device=None, dtype=None, *, kernels: bool = True
 ) -> tuple[MaskedLM, Tokenizer]:
-    """(model, tokenizer) from a local Hugging Face-format folder; kernels=False gives the plain model."""
+    """(model, tokenizer) from a local Hugging Face-format folder; kernels=False gives the plain
+    model."""
     model = load_model(path, device=device, dtype=dtype, kernels=kernels)
     tokenizer = Tokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}; "
             "the folder mixes files of two models"
         )
     return model, tokenizer
 
 
 def save_pretrained(model: MaskedLM, tokenizer: Tokenizer | None, path: str | os.PathLike) -> None:
-    """Write model.safetensors, the tokenizer files and config.json; `transformers` loads the folder as is.
+    """Write model.safetensors, the tokenizer files and config.json; `transformers` loads the folder
+    as is.
 
-    Each file is written atomically (mlm/io.py): a reader sees the previous file or the new one, never part
-    of one. The folder is not: over an existing save, a crash between two files leaves a mix of the two.
-    config.json goes last, so an interrupted save into a new folder does not look like a model.
-    """
+    Each file is written atomically (mlm/io.py): a reader sees the previous file or the new one,
+    never part of one. The folder is not: over an existing save, a crash between two files leaves a
+    mix of the two. config.json goes last, so an interrupted save into a new folder does not look
+    like a model."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     weights = safetensors.torch.save(state_dict_to_hf(model), metadata={"format": "pt"})

@@ -1,10 +1,10 @@
-"""Settings from layers, for the config dataclasses: a preset, then a TOML file, then command-line flags.
+"""Settings from layers, for the config dataclasses: a preset, then a TOML file, then command-line
+flags.
 
-Every field of a dataclass becomes a flag of the same name (`micro_batch_size` -> `--micro-batch-size`),
-typed by the field's annotation (`flag_kwargs`) and explained by the comment the field carries in its source
-(`field_comments`): the dataclass stays the one place a setting is written down. `read_toml` reads the file
-layer and refuses keys that no field has.
-"""
+Every field of a dataclass becomes a flag of the same name (`micro_batch_size` ->
+`--micro-batch-size`), typed by the field's annotation (`flag_kwargs`) and explained by the comment
+the field carries in its source (`field_comments`): the dataclass stays the one place a setting is
+written down. `read_toml` reads the file layer and refuses keys that no field has."""
 
 from __future__ import annotations
 
@@ -21,13 +21,15 @@ from mlm.errors import ConfigError
 
 try:
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, published before 3.11 took it in as tomli
+# Python 3.10: the same parser, published before 3.11 took it in as tomli
+except ModuleNotFoundError:
     import tomli as tomllib
 
 
 def flag_kwargs(hint) -> dict:
-    """argparse settings for a field's type: `X | None` is an X; lists take one or more values, tuples a fixed
-    count; `int | str` a number or a word (auto, epoch); booleans also take --no-NAME."""
+    """argparse settings for a field's type: `X | None` is an X; lists take one or more values,
+    tuples a fixed count; `int | str` a number or a word (auto, epoch); booleans also take
+    --no-NAME."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if set(typing.get_args(hint)) == {int, str}:
             return dict(type=lambda value: int(value) if value.lstrip("-").isdigit() else value)
@@ -43,8 +45,9 @@ def flag_kwargs(hint) -> dict:
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Each field's comment in a dataclass's source: the one at the end of its line, else the comment lines
-    right above it. Only the class body's own lines are read, so a field without a comment has none."""
+    """Each field's comment in a dataclass's source: the one at the end of its line, else the
+    comment lines right above it. Only the class body's own lines are read, so a field without a
+    comment has none."""
     lines = inspect.getsource(cls).splitlines()
     comments: dict[int, str] = {}  # line number (from 1) -> comment text
     for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
@@ -65,8 +68,8 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def read_toml(path: str, fields: set[str], where: str) -> tuple[dict, dict]:
-    """The settings in a TOML file: (top-level fields, the [model] table). A key that is neither is an error
-    naming `where` the fields are documented."""
+    """The settings in a TOML file: (top-level fields, the [model] table). A key that is neither is
+    an error naming `where` the fields are documented."""
     try:
         loaded = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:

@@ -1,27 +1,37 @@
-"""Tokenizer: a thin layer over the `tokenizers` library that knows the model family's special tokens.
+"""Tokenizer: a thin layer over the `tokenizers` library that knows the model family's special
+tokens.
 
 A Hugging Face folder carries its tokenizer in one of three forms, tried in this order:
   1. `tokenizer.json`             the full serialised pipeline (what every recent checkpoint ships)
-  2. `vocab.txt`                  WordPiece (BERT, DistilBERT); lower-casing from `tokenizer_config.json`
+  2. `vocab.txt`                  WordPiece (BERT, DistilBERT); lower-casing from the config
   3. `vocab.json` + `merges.txt`  byte-level BPE (RoBERTa, DistilRoBERTa)
 Forms 2 and 3 are rebuilt here the way `transformers` builds them, so the token ids are the same as
 `AutoTokenizer.from_pretrained` on the same folder.
 
 Special tokens (mask, pad, cls/bos, sep/eos, unk) come from `tokenizer_config.json` or
-`special_tokens_map.json`; when neither names them, the family's defaults apply: `[MASK]`-style names
-for WordPiece vocabularies and `<mask>`-style names for byte-level BPE.
-"""
+`special_tokens_map.json`; when neither names them, the family's defaults apply: `[MASK]`-style
+names for WordPiece vocabularies and `<mask>`-style names for byte-level BPE."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
-from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+from tokenizers import (
+    Tokenizer as Backend,
+)
 
 from mlm.errors import TokenizerError
 from mlm.io import atomic_write, read_json
@@ -34,7 +44,11 @@ DEFAULT_SPECIALS = {
     "unigram": {"mask": "[MASK]", "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "unk": "[UNK]"},
 }
 # What tokenizer_config.json names, so that AutoTokenizer rebuilds the same pipeline.
-TOKENIZER_CLASSES = {"wordpiece": "BertTokenizer", "bpe": "RobertaTokenizer", "unigram": "DebertaV2Tokenizer"}
+TOKENIZER_CLASSES = {
+    "wordpiece": "BertTokenizer",
+    "bpe": "RobertaTokenizer",
+    "unigram": "DebertaV2Tokenizer",
+}
 # The spellings users type for a mask; fill-mask maps any of them to the model's own mask token.
 MASK_ALIASES = ("[MASK]", "<mask>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -43,9 +57,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens.
 
-    `kind` is "wordpiece" (BERT, DistilBERT), "bpe" (byte-level BPE: RoBERTa, DistilRoBERTa) or "unigram"
-    (SentencePiece: DeBERTa-v2/v3); it decides how word boundaries are read for whole-word masking.
-    """
+    `kind` is "wordpiece" (BERT, DistilBERT), "bpe" (byte-level BPE: RoBERTa, DistilRoBERTa) or
+    "unigram" (SentencePiece: DeBERTa-v2/v3); it decides how word boundaries are read for whole-word
+    masking."""
 
     # One token and its id per role in ROLES (cls is RoBERTa's bos, sep its eos).
     mask_token: str
@@ -83,32 +97,42 @@ class Tokenizer:
         # Ids that masking must never choose and that decoding with skip_special_tokens drops.
         self.special_ids = sorted({backend.token_to_id(t) for t in self.specials.values()})
 
-    # ---------------------------------------------------------------------------------------- loading
+    # -------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
         """Load the tokenizer of a local Hugging Face-format folder."""
         folder = Path(path)
         if not folder.is_dir():
-            raise TokenizerError(f"tokenizer folder {str(folder)!r} does not exist; pass a local model folder")
+            raise TokenizerError(
+                f"tokenizer folder {str(folder)!r} does not exist; pass a local model folder"
+            )
         config = read_json(folder / "tokenizer_config.json", TokenizerError)
         specials_map = read_json(folder / "special_tokens_map.json", TokenizerError)
 
         if (folder / "tokenizer.json").is_file():
             backend = Backend.from_file(str(folder / "tokenizer.json"))
-            # Some files (all-MiniLM-L6-v2's) switch on padding/truncation; batching is done here instead.
+            # Some files (all-MiniLM-L6-v2's) switch on padding/truncation; batching is done here
+            # instead.
             backend.no_padding()
             backend.no_truncation()
             kind = _kind_of(backend)
             if kind == "unigram" and str(config.get("tokenizer_class", "")).startswith("DebertaV2"):
-                # transformers keeps the vocabulary, added tokens and precompiled normaliser table, and
-                # rebuilds the rest from the flags.
+                # transformers keeps the vocabulary, added tokens and precompiled normaliser table,
+                # and rebuilds the rest from the flags.
                 charsmap = precompiled_charsmap(json.loads(backend.to_str()))
-                set_deberta_pipeline(backend, do_lower_case=config.get("do_lower_case", False),
-                                     split_by_punct=config.get("split_by_punct", False),
-                                     add_prefix_space=config.get("add_prefix_space", True), charsmap=charsmap)
-        elif (folder / "spm.model").is_file():  # DeBERTa-v2/v3 folders ship only the SentencePiece model
+                set_deberta_pipeline(
+                    backend,
+                    do_lower_case=config.get("do_lower_case", False),
+                    split_by_punct=config.get("split_by_punct", False),
+                    add_prefix_space=config.get("add_prefix_space", True),
+                    charsmap=charsmap,
+                )
+        # DeBERTa-v2/v3 folders ship only the SentencePiece model
+        elif (folder / "spm.model").is_file():
             backend, specials, extra = build_from_spm(folder)
-            return cls(backend, specials, model_max_length=_model_max_length(config), extra_config=extra)
+            return cls(
+                backend, specials, model_max_length=_model_max_length(config), extra_config=extra
+            )
         elif (folder / "vocab.txt").is_file():
             kind = "wordpiece"
             backend = None
@@ -117,7 +141,8 @@ class Tokenizer:
             backend = None
         else:
             raise TokenizerError(
-                f"no tokenizer in {str(folder)!r}: expected tokenizer.json, spm.model, vocab.txt, or vocab.json + merges.txt"
+                f"no tokenizer in {str(folder)!r}: expected tokenizer.json, spm.model, vocab.txt, "
+                "or vocab.json + merges.txt"
             )
 
         specials = dict(DEFAULT_SPECIALS[kind])
@@ -140,7 +165,11 @@ class Tokenizer:
             vocab = read_json(folder / "vocab.json", TokenizerError)
             merges = _read_merges(folder / "merges.txt")
             backend = build_byte_level_bpe(
-                vocab, merges, specials, add_prefix_space=config.get("add_prefix_space", False), mask_lstrip=False
+                vocab,
+                merges,
+                specials,
+                add_prefix_space=config.get("add_prefix_space", False),
+                mask_lstrip=False,
             )
 
         kept = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "add_prefix_space")
@@ -156,7 +185,8 @@ class Tokenizer:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into a folder, each whole."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into a folder,
+        each whole."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in self.files().items():
@@ -180,7 +210,7 @@ class Tokenizer:
             "special_tokens_map.json": json.dumps(tokens, indent=2),
         }
 
-    # --------------------------------------------------------------------------------------- encoding
+    # ------------------------------------------------------------------------------------- encoding
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -205,7 +235,8 @@ class Tokenizer:
         rows = [e.ids for e in encodings]
         if truncation:
             limit = max_length or self.model_max_length
-            rows = [r if len(r) <= limit else r[: limit - 1] + [r[-1]] for r in rows]  # keep the final sep
+            # keep the final sep
+            rows = [r if len(r) <= limit else r[: limit - 1] + [r[-1]] for r in rows]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -217,17 +248,16 @@ class Tokenizer:
     def word_starts(self, encoding) -> list[bool]:
         """True at the first token of each word, and at every special token (a word on its own).
 
-        Word ids come from the pre-tokenizer: BERT's splits on spaces and punctuation, byte-level BPE's
-        keeps a leading space with its word (" world" is one word), as HF's whole-word masking assumes;
-        SentencePiece's Metaspace starts a word at each piece that begins with "▁".
-        """
+        Word ids come from the pre-tokenizer: BERT's splits on spaces and punctuation, byte-level
+        BPE's keeps a leading space with its word (" world" is one word), as HF's whole-word masking
+        assumes; SentencePiece's Metaspace starts a word at each piece that begins with "▁"."""
         starts, previous = [], None
         for word in encoding.word_ids:
             starts.append(word is None or word != previous)
             previous = word
         return starts
 
-    # --------------------------------------------------------------------------------------- decoding
+    # ------------------------------------------------------------------------------------- decoding
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return clean_up_spaces(text) if self.clean_up_tokenization_spaces else text
@@ -236,8 +266,9 @@ class Tokenizer:
         return [self.backend.id_to_token(int(i)) for i in ids]
 
 
-# ------------------------------------------------------------------------------------------ fingerprints
-# A prepared dataset records both, so token ids are never read with a tokenizer that means other words by them.
+# ------------------------------------------------------------------------------------------
+# fingerprints A prepared dataset records both, so token ids are never read with a tokenizer that
+# means other words by them.
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     """sha256 of the tokenizer.json text that `Tokenizer.save` writes: names the whole pipeline."""
     return hashlib.sha256(tokenizer.backend.to_str(pretty=True).encode("utf-8")).hexdigest()
@@ -250,24 +281,26 @@ def vocab_sha256(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(json.dumps(by_id, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-# ------------------------------------------------------------------------------------------ builders
+# ----------------------------------------------------------------------------------------- builders
 def _model_max_length(config: dict) -> int:
     max_len = config.get("model_max_length", 512)
-    return max_len if isinstance(max_len, int) and max_len <= 1_000_000 else 512  # HF's huge sentinel: "unset"
+    # HF's huge sentinel: "unset"
+    return max_len if isinstance(max_len, int) and max_len <= 1_000_000 else 512
 
 
 def _special_id(backend: Backend, token: str, role: str) -> int:
     token_id = backend.token_to_id(token)
     if token_id is None:
         raise TokenizerError(
-            f"the {role} token {token!r} is not in the vocabulary; name the right one in tokenizer_config.json"
+            f"the {role} token {token!r} is not in the vocabulary; name the right one in "
+            "tokenizer_config.json"
         )
     return token_id
 
 
 def _kind_of(backend: Backend) -> str:
-    """"unigram" for a SentencePiece model (DeBERTa's), "bpe" for a byte-level pre-tokenizer (RoBERTa's), else
-    "wordpiece"."""
+    """ "unigram" for a SentencePiece model (DeBERTa's), "bpe" for a byte-level pre-tokenizer
+    (RoBERTa's), else "wordpiece"."""
     if isinstance(backend.model, models.Unigram):
         return "unigram"
     return "bpe" if isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) else "wordpiece"
@@ -281,10 +314,16 @@ def build_wordpiece(
     strip_accents: bool | None = None,
     chinese_chars: bool = True,
 ) -> Backend:
-    """BERT's pipeline: clean + (lower-case) normalise, split on spaces/punctuation, WordPiece, [CLS] .. [SEP]."""
-    backend = Backend(models.WordPiece(vocab, unk_token=specials["unk"], max_input_chars_per_word=100))
+    """BERT's pipeline: clean + (lower-case) normalise, split on spaces/punctuation, WordPiece,
+    [CLS] .. [SEP]."""
+    backend = Backend(
+        models.WordPiece(vocab, unk_token=specials["unk"], max_input_chars_per_word=100)
+    )
     backend.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=chinese_chars, strip_accents=strip_accents, lowercase=lowercase
+        clean_text=True,
+        handle_chinese_chars=chinese_chars,
+        strip_accents=strip_accents,
+        lowercase=lowercase,
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
@@ -293,7 +332,10 @@ def build_wordpiece(
     backend.post_processor = processors.TemplateProcessing(
         single=f"{cls_token}:0 $A:0 {sep_token}:0",
         pair=f"{cls_token}:0 $A:0 {sep_token}:0 $B:1 {sep_token}:1",
-        special_tokens=[(cls_token, backend.token_to_id(cls_token)), (sep_token, backend.token_to_id(sep_token))],
+        special_tokens=[
+            (cls_token, backend.token_to_id(cls_token)),
+            (sep_token, backend.token_to_id(sep_token)),
+        ],
     )
     return backend
 
@@ -309,10 +351,13 @@ def build_byte_level_bpe(
     """RoBERTa's pipeline: bytes to printable characters, BPE with no unk, <s> .. </s>.
 
     `mask_lstrip` lets "a <mask>" put the mask where the word " x" would be, as RoBERTa was trained
-    (its own tokenizer.json sets it). `transformers` 5 does not set it when it rebuilds a tokenizer from
-    vocab.json + merges.txt, so loading that form passes False to give the same ids.
-    """
-    backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    (its own tokenizer.json sets it). `transformers` 5 does not set it when it rebuilds a tokenizer
+    from vocab.json + merges.txt, so loading that form passes False to give the same ids."""
+    backend = Backend(
+        models.BPE(
+            vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
+        )
+    )
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     backend.decoder = decoders.ByteLevel()
     _add_specials(backend, specials, mask_lstrip=mask_lstrip)
@@ -326,21 +371,35 @@ def build_byte_level_bpe(
 
 
 def _add_specials(backend: Backend, specials: dict[str, str], *, mask_lstrip: bool) -> None:
-    # Registered as special added tokens so "[MASK]" in a text is one token, never split or lower-cased.
+    # Registered as special added tokens so "[MASK]" in a text is one token, never split or
+    # lower-cased.
     backend.add_special_tokens(
-        [AddedToken(tok, special=True, normalized=False, lstrip=mask_lstrip and role == "mask") for role, tok in specials.items()]
+        [
+            AddedToken(tok, special=True, normalized=False, lstrip=mask_lstrip and role == "mask")
+            for role, tok in specials.items()
+        ]
     )
 
 
 def clean_up_spaces(text: str) -> str:
     """HF's `clean_up_tokenization_spaces`: glue punctuation and English contractions back on."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 
 
-# ------------------------------------------------------------------------------------------ file I/O
+# ----------------------------------------------------------------------------------------- file I/O
 
 
 def _read_vocab_txt(path: Path) -> dict[str, int]:

@@ -407,8 +407,9 @@ fi
 # 0. What ran: the GPU, the libraries, the code (a fingerprint, since the copied tree has no .git).
 step env env -- env_facts
 
-# 1. The tests marked cuda. A module that fails to import is reported, and the others still run.
-step cuda_tests pytest -- "$PY" -m pytest -q -m cuda -rfEs -p no:cacheprovider \
+# 1. The tests marked cuda. A module that fails to import is reported, and the others still run. In
+#    this process (-n 0): pytest-xdist's worker per core would give one GPU 16 CUDA contexts.
+step cuda_tests pytest -- "$PY" -m pytest -q -m cuda -n 0 -rfEs -p no:cacheprovider \
   --continue-on-collection-errors tests
 
 # 2. The headline: our bert-base training step against transformers', 128 tokens, bf16, compiled.

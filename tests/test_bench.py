@@ -1,9 +1,8 @@
 """bench.py runs every section end to end on the tiniest config and writes the JSON it promises.
 
-Speed is not asserted: timings depend on the machine and its load. What is checked is that each section
-measured both sides, that the numbers are positive and finite, that the same weights give the same
-logits, and that the targets table judges rows as it says.
-"""
+Speed is not asserted: timings depend on the machine and its load. What is checked is that each
+section measured both sides, that the numbers are positive and finite, that the same weights give
+the same logits, and that the targets table judges rows as it says."""
 
 import importlib.util
 import json
@@ -15,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench.py imports the benchmarks/ package beside it, as `python bench.py` finds it
+# bench.py imports the benchmarks/ package beside it, as `python bench.py` finds it
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
@@ -30,11 +30,12 @@ def load_bench():
 def test_every_section_writes_positive_results(tmp_path):
     out = tmp_path / "bench.json"
     command = [
-        sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--sizes", "tiny", "--seq", "32", "--batch", "2",
-        "--dtypes", "fp32,bf16", "--steps", "1", "--warmup", "0", "--breakdown", "--calls", "1", "--calls-warmup", "0",
-        "--collator-blocks", "4", "--collator-reps", "1", "--collator-burst", "2", "--tokenize-reps", "1",
-        "--corpus-docs", "40",
-        "--json", str(out),
+        sys.executable,
+        str(ROOT / "bench.py"),
+        *"--device cpu --sizes tiny --seq 32 --batch 2 --dtypes fp32,bf16 --steps 1 --warmup 0 "
+        "--breakdown --calls 1 --calls-warmup 0 --collator-blocks 4 --collator-reps 1 "
+        "--collator-burst 2 --tokenize-reps 1 --corpus-docs 40 --json".split(),
+        str(out),
     ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,10 +51,18 @@ def test_every_section_writes_positive_results(tmp_path):
 
     rows = report["results"]
     seen = {(r["section"], r["dtype"], r["metric"]) for r in rows}
-    metrics = ("throughput", "forward", "backward", "optimizer") + (("peak memory",) if sys.platform == "linux" else ())
+    metrics = ("throughput", "forward", "backward", "optimizer") + (
+        ("peak memory",) if sys.platform == "linux" else ()
+    )
     expected = {("train", d, m) for d in ("fp32", "bf16") for m in metrics}
-    expected |= {("infer", "fp32", "throughput"), ("infer", "bf16", "throughput"), ("fillmask", "fp32", "latency"),
-                 ("collator", None, "throughput"), ("tokenize", None, "time"), ("kernels", "fp32", "time")}
+    expected |= {
+        ("infer", "fp32", "throughput"),
+        ("infer", "bf16", "throughput"),
+        ("fillmask", "fp32", "latency"),
+        ("collator", None, "throughput"),
+        ("tokenize", None, "time"),
+        ("kernels", "fp32", "time"),
+    }
     assert expected <= seen, expected - seen
     for r in rows:
         for key in ("ours", "hf", "gain"):
@@ -62,30 +71,89 @@ def test_every_section_writes_positive_results(tmp_path):
     fill = next(r for r in rows if r["section"] == "fillmask")
     assert fill["extra"]["same_top_tokens"] is True  # same weights, same tokenizer: same answers
     train = next(r for r in rows if r["section"] == "train" and r["metric"] == "throughput")
-    assert len(train["extra"]["step_seconds"]["ours"]) == len(train["extra"]["step_seconds"]["hf"]) == 1
+    assert (
+        len(train["extra"]["step_seconds"]["ours"])
+        == len(train["extra"]["step_seconds"]["hf"])
+        == 1
+    )
     tokenize = next(r for r in rows if r["section"] == "tokenize")
     assert tokenize["extra"]["docs"] == 40 and tokenize["extra"]["tokens"] > 40
 
 
 def test_targets_judge_the_right_rows():
     bench = load_bench()
-    row = bench.Row(section="train", size="base", seq=128, dtype="bf16", metric="throughput", unit="tokens/s",
-                    ours=130.0, hf=100.0, higher_is_better=True, device="cpu")
-    slow = bench.Row(section="fillmask", size="base", seq=23, dtype="fp32", metric="latency", unit="ms",
-                     ours=30.0, hf=40.0, higher_is_better=False, device="cpu")
-    untargeted = bench.Row(section="train", size="tiny", seq=128, dtype="fp32", metric="throughput", unit="tokens/s",
-                           ours=1.0, hf=2.0, higher_is_better=True, device="cpu")
+    row = bench.Row(
+        section="train",
+        size="base",
+        seq=128,
+        dtype="bf16",
+        metric="throughput",
+        unit="tokens/s",
+        ours=130.0,
+        hf=100.0,
+        higher_is_better=True,
+        device="cpu",
+    )
+    slow = bench.Row(
+        section="fillmask",
+        size="base",
+        seq=23,
+        dtype="fp32",
+        metric="latency",
+        unit="ms",
+        ours=30.0,
+        hf=40.0,
+        higher_is_better=False,
+        device="cpu",
+    )
+    untargeted = bench.Row(
+        section="train",
+        size="tiny",
+        seq=128,
+        dtype="fp32",
+        metric="throughput",
+        unit="tokens/s",
+        ours=1.0,
+        hf=2.0,
+        higher_is_better=True,
+        device="cpu",
+    )
     bench.judge([row, slow, untargeted])
     assert row.met is True and math.isclose(row.gain, 1.3)  # 1.3x >= 1.25x
-    assert slow.met is False and math.isclose(slow.gain, 40 / 30)  # needs latency <= 0.5x, i.e. gain >= 2
+    # needs latency <= 0.5x, i.e. gain >= 2
+    assert slow.met is False and math.isclose(slow.gain, 40 / 30)
     assert untargeted.met is None and untargeted.target is None
-    mfu = bench.Row(section="train", size="base", seq=128, dtype="bf16", metric="MFU", unit="%", ours=0.5, hf=0.2,
-                    higher_is_better=True, device="cuda")
+    mfu = bench.Row(
+        section="train",
+        size="base",
+        seq=128,
+        dtype="bf16",
+        metric="MFU",
+        unit="%",
+        ours=0.5,
+        hf=0.2,
+        higher_is_better=True,
+        device="cuda",
+    )
     bench.judge([mfu])
     assert mfu.met is True
-    # The collator target is like for like: HF's collator against ours with a generator, not with row seeds.
-    collators = [bench.Row(section="collator", size=None, seq=128, dtype=None, metric="throughput", unit="blocks/s",
-                           ours=41.0, hf=1.0, higher_is_better=True, variant=v) for v in ("generator", "row seeds")]
+    # The collator target is like for like: HF's collator against ours with a generator, not with
+    # row seeds.
+    collators = [
+        bench.Row(
+            section="collator",
+            size=None,
+            seq=128,
+            dtype=None,
+            metric="throughput",
+            unit="blocks/s",
+            ours=41.0,
+            hf=1.0,
+            higher_is_better=True,
+            variant=v,
+        )
+        for v in ("generator", "row seeds")
+    ]
     bench.judge(collators)
     assert collators[0].met is True and collators[1].target is None
 
@@ -110,9 +178,11 @@ def test_repetition_defaults_are_the_ones_help_promises():
     base = ModelConfig()
     cpu = bench.parse_args(["--device", "cpu"])
     assert (batch_for(cpu, 128), batch_for(cpu, 512)) == (8, 2)  # 1024 tokens' worth
-    assert (steps_for(cpu, tiny), steps_for(cpu, small), steps_for(cpu, base)) == (10, 5, 5)  # under 10M params: 10
+    # under 10M params: 10
+    assert (steps_for(cpu, tiny), steps_for(cpu, small), steps_for(cpu, base)) == (10, 5, 5)
     assert warmup_for(cpu) == 1
-    assert warmup_for(bench.parse_args(["--device", "cpu", "--compile"])) == 1 + 3  # compiling takes more
+    # compiling takes more
+    assert warmup_for(bench.parse_args(["--device", "cpu", "--compile"])) == 1 + 3
     given = bench.parse_args(["--device", "cpu", "--batch", "3", "--steps", "7", "--warmup", "0"])
     assert (batch_for(given, 128), steps_for(given, tiny), warmup_for(given)) == (3, 7, 0)
     assert cpu.sizes == ["tiny", "base"] and cpu.only == list(bench.SECTIONS)
@@ -122,12 +192,16 @@ def test_repetition_defaults_are_the_ones_help_promises():
 
 
 def test_model_folders_bench_end_to_end(hf_checkpoints, tmp_path):
-    """`bench.py --model DIR` on each family's tiny folder: every row measured on both sides, same weights,
-    same fill-mask answers on the folder's own tokenizer, MFU and HFU from a given peak."""
+    """`bench.py --model DIR` on each family's tiny folder: every row measured on both sides, same
+    weights, same fill-mask answers on the folder's own tokenizer, MFU and HFU from a given peak."""
     out = tmp_path / "models.json"
-    command = [sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--seq", "32", "--batch", "2",
-               "--dtypes", "fp32", "--steps", "1", "--warmup", "0", "--calls", "1", "--calls-warmup", "0",
-               "--peak-tflops", "1", "--json", str(out)]
+    command = [
+        sys.executable,
+        str(ROOT / "bench.py"),
+        *"--device cpu --seq 32 --batch 2 --dtypes fp32 --steps 1 --warmup 0 --calls 1 "
+        "--calls-warmup 0 --peak-tflops 1 --json".split(),
+        str(out),
+    ]
     for folder in hf_checkpoints.values():
         command += ["--model", str(folder)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -149,20 +223,30 @@ def test_model_folders_bench_end_to_end(hf_checkpoints, tmp_path):
             assert r["extra"]["hf_attention"], name
         assert rows[("fillmask", "latency")]["extra"]["same_top_tokens"] is True, name
         mfu, hfu = rows[("train", "MFU")], rows[("train", "HFU")]
-        # Our head ran on the masked rows only, HF's on all: HFU counts less work for us than for HF.
+        # Our head ran on the masked rows only, HF's on all: HFU counts less work for us than for
+        # HF.
         fraction = hfu["extra"]["head_rows_fraction"]
         assert 0 < fraction["ours"] < 0.5 and fraction["hf"] == 1.0
         assert hfu["ours"] / hfu["hf"] < mfu["ours"] / mfu["hf"]
-        if report["environment"]["models"][name]["family"] != "deberta-v2":  # whose position terms count apart
+        # whose position terms count apart
+        if report["environment"]["models"][name]["family"] != "deberta-v2":
             assert math.isclose(hfu["hf"], mfu["hf"])
 
 
 def test_seq_beyond_the_models_limit_is_a_one_line_error(hf_checkpoints, tmp_path):
-    command = [sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--seq", "32,1000",
-               "--model", str(hf_checkpoints["bert"])]
+    command = [
+        sys.executable,
+        str(ROOT / "bench.py"),
+        *"--device cpu --seq 32,1000 --model".split(),
+        str(hf_checkpoints["bert"]),
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "--seq 1000" in done.stderr and "limit of 64" in done.stderr
+    assert (
+        done.stderr.count("\n") == 1
+        and "--seq 1000" in done.stderr
+        and "limit of 64" in done.stderr
+    )
 
 
 def test_deberta_shape_is_offered_only_when_mlm_loads_deberta():
@@ -170,7 +254,9 @@ def test_deberta_shape_is_offered_only_when_mlm_loads_deberta():
     from mlm.model import FAMILIES
 
     if "deberta-v2" in FAMILIES:
-        assert bench.parse_args(["--device", "cpu", "--sizes", "deberta-v3-base"]).sizes == ["deberta-v3-base"]
+        assert bench.parse_args(["--device", "cpu", "--sizes", "deberta-v3-base"]).sizes == [
+            "deberta-v3-base"
+        ]
     else:
         with pytest.raises(SystemExit) as exit:
             bench.parse_args(["--device", "cpu", "--sizes", "deberta-v3-base"])

@@ -1,12 +1,12 @@
 """mlm.kernels.cpu_attention: the written-out CPU attention against F.scaled_dot_product_attention.
 
-Without dropout the written-out math must be SDPA, forward and every gradient, with its error against
-fp64 within 2x of SDPA's own in fp32. With dropout, re-seeding reproduces the keep mask the kernel drew;
-given that mask, output and gradients must equal SDPA's math backend in fp64 (torch's testing hook
-`_scaled_dot_product_attention_math(..., dropout_mask=keep)`). Over many draws the mean output must
-approach SDPA's without dropout: each output element is a sum of T independent terms P_j V_j keep_j / (1 - p),
-of variance sum_j (P_j V_j)^2 p / (1 - p), and the mean of S draws may be off by 5 of its standard deviations.
-"""
+Without dropout the written-out math must be SDPA, forward and every gradient, with its error
+against fp64 within 2x of SDPA's own in fp32. With dropout, re-seeding reproduces the keep mask the
+kernel drew; given that mask, output and gradients must equal SDPA's math backend in fp64 (torch's
+testing hook `_scaled_dot_product_attention_math(..., dropout_mask=keep)`). Over many draws the mean
+output must approach SDPA's without dropout: each output element is a sum of T independent terms P_j
+V_j keep_j / (1 - p), of variance sum_j (P_j V_j)^2 p / (1 - p), and the mean of S draws may be off
+by 5 of its standard deviations."""
 
 import pytest
 import torch
@@ -20,7 +20,8 @@ from mlm.model import MaskedLM, ModelConfig
 CASES = [
     (1, 1, 1, 1, None),
     (2, 3, 17, 7, "padding"),  # bool (B, 1, 1, T): padded keys hidden
-    (3, 5, 13, 9, "documents"),  # bool (B, 1, T, T): each token sees its own document, as the model builds it
+    # bool (B, 1, T, T): each token sees its own document, as the model builds it
+    (3, 5, 13, 9, "documents"),
     (2, 3, 11, 16, "bias"),  # float (B, H, T, T), -inf on padded keys
     (2, 7, 5, 3, "bias-per-head"),  # float (1, H, T, T): the same position terms for every sequence
     (3, 1, 19, 12, "bias-per-sequence"),  # float (B, 1, T, T)
@@ -61,9 +62,11 @@ def leaves(q, k, v, mask, dtype=torch.float32):
 
 
 def forward_backward(fn, tensors, **kwargs):
-    """Output and the gradients of every leaf that requires grad, for a fixed random output gradient."""
+    """Output and the gradients of every leaf that requires grad, for a fixed random output
+    gradient."""
     y = fn(*tensors, **kwargs)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)  # same values in fp64
+    # same values in fp64
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
     wrt = [t for t in tensors if t is not None and t.requires_grad]
     return [y, *torch.autograd.grad(y, wrt, grad_out)]
 
@@ -72,12 +75,15 @@ def sdpa_math(q, k, v, mask, dropout_p=0.0, keep=None):
     """SDPA's math backend, which takes a given keep mask; a boolean mask goes in as a -inf bias."""
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
-    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask, dropout_p, False, keep)[0]
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, mask, dropout_p, False, keep)[
+        0
+    ]
 
 
 @pytest.mark.parametrize("B, H, T, D, kind", CASES, ids=IDS)
 def test_written_out_math_is_sdpa(monkeypatch, B, H, T, D, kind):
-    monkeypatch.setattr(cpu_attention, "dropout", lambda x, p: x)  # the written-out path, dropout as identity
+    # the written-out path, dropout as identity
+    monkeypatch.setattr(cpu_attention, "dropout", lambda x, p: x)
     inputs = make(B, H, T, D, kind)
     ours = forward_backward(attention, leaves(*inputs), dropout_p=0.5)
     sdpa32 = forward_backward(attention_ref, leaves(*inputs))
@@ -98,7 +104,8 @@ def test_dropout_is_sdpa_math_with_the_same_keep_mask(B, H, T, D, kind, p):
     torch.manual_seed(4)
     ours = forward_backward(attention, leaves(*inputs), dropout_p=p)
     torch.manual_seed(4)
-    keep = torch.rand(B, H, T, T) >= p  # the uniform draw cpu_dropout makes on the (B, H, T, T) probabilities
+    # the uniform draw cpu_dropout makes on the (B, H, T, T) probabilities
+    keep = torch.rand(B, H, T, T) >= p
     ref = forward_backward(sdpa_math, leaves(*inputs, dtype=torch.float64), dropout_p=p, keep=keep)
     for name, a, b in zip(["out", "grad_q", "grad_k", "grad_v", "grad_bias"], ours, ref):
         assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
@@ -109,33 +116,47 @@ def test_dropout_preserves_the_mean(kind):
     S, H, T, D, p = 4000, 3, 11, 5, 0.3
     q, k, v, mask = make(1, H, T, D, kind, seed=2)
     torch.manual_seed(0)
-    draws = attention(q.expand(S, -1, -1, -1), k.expand(S, -1, -1, -1), v.expand(S, -1, -1, -1), mask, p)
+    draws = attention(
+        q.expand(S, -1, -1, -1), k.expand(S, -1, -1, -1), v.expand(S, -1, -1, -1), mask, p
+    )
     expected = attention_ref(q, k, v, mask).double()[0]  # (H, T, D)
     scores = (q.double() @ k.double().transpose(-2, -1)) * D**-0.5
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    terms = scores.softmax(-1)[0, :, :, :, None] * v.double()[0, :, None, :, :]  # (H, T, T, D): P_ij V_jd
+    scores = (
+        scores.masked_fill(~mask, float("-inf"))
+        if mask.dtype == torch.bool
+        else scores + mask.double()
+    )
+    # (H, T, T, D): P_ij V_jd
+    terms = scores.softmax(-1)[0, :, :, :, None] * v.double()[0, :, None, :, :]
     sd_of_mean = ((terms**2).sum(dim=2) * p / (1 - p) / S).sqrt()  # (H, T, D)
     assert (draws.double().mean(dim=0) - expected).abs().le(5 * sd_of_mean + 1e-6).all()
 
 
-@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")  # SDPA's, on the CPU
+# SDPA's, on the CPU
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_falls_back_to_sdpa_where_it_does_not_apply(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "dropout", lambda *a: pytest.fail("took the written-out path"))
+    monkeypatch.setattr(
+        cpu_attention, "dropout", lambda *a: pytest.fail("took the written-out path")
+    )
     q, k, v, mask = make(2, 3, 17, 7, "padding")
-    assert torch.equal(attention(q, k, v, mask), attention_ref(q, k, v, mask))  # no dropout: SDPA itself
+    # no dropout: SDPA itself
+    assert torch.equal(attention(q, k, v, mask), attention_ref(q, k, v, mask))
     meta = torch.empty(2, 3, 5, 4, device="meta")  # another device: SDPA with its own dropout
     assert attention(meta, meta, meta, None, 0.5).shape == (2, 3, 5, 4)
     offsets = torch.tensor([0, 4, 11])  # nested (jagged) tensors: the model's varlen path
 
     def heads(t):  # (11, 8) -> (2, 2, j, 4)
-        return torch.nested.nested_tensor_from_jagged(t, offsets).unflatten(-1, (2, 4)).transpose(1, 2)
+        return (
+            torch.nested.nested_tensor_from_jagged(t, offsets).unflatten(-1, (2, 4)).transpose(1, 2)
+        )
 
     x = torch.randn(11, 8)
     assert attention(heads(x), heads(x), heads(x), None, 0.5).is_nested
 
 
 def test_the_installed_model_drops_attention_probabilities_here(monkeypatch):
-    """In training, the installed model's attention is this kernel with the config's dropout; in eval, SDPA's."""
+    """In training, the installed model's attention is this kernel with the config's dropout; in
+    eval, SDPA's."""
     calls = []
     monkeypatch.setattr(cpu_attention, "dropout", lambda x, p: calls.append(p) or x)
     g = torch.Generator().manual_seed(5)
@@ -144,12 +165,23 @@ def test_the_installed_model_drops_attention_probabilities_here(monkeypatch):
     attention_mask[1, 11:] = 0
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 3 + [1] * 8 + [-1] * 5, [0] * 16])
     torch.manual_seed(0)
-    model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
-                                 max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.5))
+    model = MaskedLM(
+        ModelConfig(
+            vocab_size=50,
+            hidden_size=24,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=40,
+            max_position_embeddings=32,
+            hidden_dropout=0.0,
+            attention_dropout=0.5,
+        )
+    )
     assert cpu_attention.install(model) == 2
     with torch.no_grad():
         expected = model.eval().encode(ids, attention_mask, doc_ids=doc_ids)  # SDPA, no dropout
-        got = model.train().encode(ids, attention_mask, doc_ids=doc_ids)  # written out, dropout as identity
+        # written out, dropout as identity
+        got = model.train().encode(ids, attention_mask, doc_ids=doc_ids)
     assert calls == [0.5, 0.5]  # one call per layer
     real = attention_mask.bool()
     assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)

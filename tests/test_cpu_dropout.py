@@ -1,11 +1,10 @@
 """mlm.kernels.cpu_dropout: the thresholded-uniform dropout against F.dropout.
 
 The two draw different masks from the same seed, so they are compared as distributions. Over n
-independent elements the kept fraction has standard deviation sqrt(p (1 - p) / n), and the mean of
-x * keep / (1 - p) - x has standard deviation sqrt(mean(x^2) p / ((1 - p) n)); the tests allow 5 of
-those (a correct kernel fails with probability below 1e-6, and the seeds are fixed anyway). Re-seeding
-reproduces the mask the kernel drew, which pins down forward and gradient exactly.
-"""
+independent elements the kept fraction has standard deviation sqrt(p (1 - p) / n), and the mean of x
+* keep / (1 - p) - x has standard deviation sqrt(mean(x^2) p / ((1 - p) n)); the tests allow 5 of
+those (a correct kernel fails with probability below 1e-6, and the seeds are fixed anyway).
+Re-seeding reproduces the mask the kernel drew, which pins down forward and gradient exactly."""
 
 import pytest
 import torch
@@ -24,7 +23,8 @@ def test_keep_rate_scaling_and_mean(fn, p):
     y = fn(x, p, training=True)
     kept = y != 0
     assert abs(kept.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / N) ** 0.5
-    torch.testing.assert_close(y[kept], x[kept] / (1 - p))  # the survivors scaled by 1/(1-p), nothing else
+    # the survivors scaled by 1/(1-p), nothing else
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
     mean_sd = ((x.double() ** 2).mean().item() * p / ((1 - p) * N)) ** 0.5
     assert abs((y.double() - x.double()).mean().item()) < 5 * mean_sd  # the mean is preserved
 

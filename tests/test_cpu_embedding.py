@@ -1,10 +1,10 @@
-"""mlm.kernels.cpu_embedding: the lookup's gradient joins the tied decoder's in place, and equals the plain one.
+"""mlm.kernels.cpu_embedding: the lookup's gradient joins the tied decoder's in place, and equals
+the plain one.
 
-A weight used twice, by the lookup and by a decoder matmul, with repeated ids and the padding row: .grad
-must equal what F.embedding and the bare weight give, to fp32 rounding, and be written once (no (V, C)
-buffer of the lookup's own). In either order of the two backward passes, and twice over a retained graph.
-Where no tie is linked, or it cannot pay, the plain path runs.
-"""
+A weight used twice, by the lookup and by a decoder matmul, with repeated ids and the padding row:
+.grad must equal what F.embedding and the bare weight give, to fp32 rounding, and be written once
+(no (V, C) buffer of the lookup's own). In either order of the two backward passes, and twice over a
+retained graph. Where no tie is linked, or it cannot pay, the plain path runs."""
 
 import copy
 
@@ -21,14 +21,17 @@ V, C, PAD = 101, 13, 0
 def leaves(seed=0):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(V, C, generator=g)
-    ids = torch.randint(0, 7, (3, 11), generator=g)  # few distinct ids: many repeats, the padding row among them
+    # few distinct ids: many repeats, the padding row among them
+    ids = torch.randint(0, 7, (3, 11), generator=g)
     hidden = torch.randn(5, C, generator=g)
     return weight, ids, hidden
 
 
 def loss(rows, logits):
     """A scalar from both uses of the weight: the looked-up rows and the decoder's logits."""
-    return (rows.sin() * torch.arange(C)).sum() + F.cross_entropy(logits, torch.arange(len(logits)) % V)
+    return (rows.sin() * torch.arange(C)).sum() + F.cross_entropy(
+        logits, torch.arange(len(logits)) % V
+    )
 
 
 def plain_grad(weight, ids, hidden):
@@ -44,7 +47,8 @@ def test_tied_gradient_equals_the_plain_one():
     rows = embedding(ids, w, PAD, tie)
     decoder = decoder_weight(w, tie)
     buffers = []
-    decoder.register_hook(lambda g: buffers.append(g.data_ptr()))  # the decoder's gradient, as it arrives
+    # the decoder's gradient, as it arrives
+    decoder.register_hook(lambda g: buffers.append(g.data_ptr()))
     logits = hidden @ decoder.t()
     assert type(rows.grad_fn).__name__ == "_LookupBackward"  # the path under test
     loss(rows, logits).backward()
@@ -55,7 +59,8 @@ def test_tied_gradient_equals_the_plain_one():
 
 
 def test_the_other_order_of_backward_is_summed_the_plain_way():
-    """Backward from the lookup's rows alone first (the decoder's gradient not there yet), then the decoder's."""
+    """Backward from the lookup's rows alone first (the decoder's gradient not there yet), then the
+    decoder's."""
     weight, ids, hidden = leaves(1)
     w = weight.clone().requires_grad_()
     tie = Tie()
@@ -90,16 +95,27 @@ def test_where_no_tie_is_linked_or_it_cannot_pay_the_plain_path_runs():
     tie = Tie()
     embedding(ids, weight, PAD, tie)
     assert not tie.linked and decoder_weight(w, tie) is w  # a frozen weight
-    compiled = torch.compile(lambda i, w: embedding(i, w, PAD, Tie()), fullgraph=True, backend="eager")
+    compiled = torch.compile(
+        lambda i, w: embedding(i, w, PAD, Tie()), fullgraph=True, backend="eager"
+    )
     assert compiled(ids, w).shape == (3, 11, C)
 
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])
 def test_a_training_step_through_the_model_matches_the_plain_lookup(monkeypatch, family):
-    """A MaskedLM with the tie installed: every gradient equals the plain model's, and fused AdamW steps."""
-    cfg = ModelConfig(vocab_size=V, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
-                      hidden_dropout=0.0, attention_dropout=0.0, family=family,
-                      type_vocab_size=0 if family == "deberta-v2" else 2)
+    """A MaskedLM with the tie installed: every gradient equals the plain model's, and fused AdamW
+    steps."""
+    cfg = ModelConfig(
+        vocab_size=V,
+        hidden_size=24,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=40,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        family=family,
+        type_vocab_size=0 if family == "deberta-v2" else 2,
+    )
     torch.manual_seed(0)
     plain = MaskedLM(cfg)
     tied = copy.deepcopy(plain)
@@ -115,7 +131,11 @@ def test_a_training_step_through_the_model_matches_the_plain_lookup(monkeypatch,
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     linked = []
-    monkeypatch.setattr(decoder, "decoder_weight", lambda w, tie: linked.append(tie.linked) or decoder_weight(w, tie))
+    monkeypatch.setattr(
+        decoder,
+        "decoder_weight",
+        lambda w, tie: linked.append(tie.linked) or decoder_weight(w, tie),
+    )
     ref, ours = grads(plain), grads(tied)
     assert linked == [True]  # the path under test
     assert ref.keys() == ours.keys()

@@ -1,8 +1,8 @@
-"""mlm.kernels.cpu_linear: oneDNN's fp32 GEMM for linear layers, against F.linear, forward and every gradient.
+"""mlm.kernels.cpu_linear: oneDNN's fp32 GEMM for linear layers, against F.linear, forward and every
+gradient.
 
-The fast path is the CPU path, so these tests run it for real (no interpreter needed). Its error against
-an fp64 reference must stay within a small factor of F.linear's own fp32 error.
-"""
+The fast path is the CPU path, so these tests run it for real (no interpreter needed). Its error
+against an fp64 reference must stay within a small factor of F.linear's own fp32 error."""
 
 import copy
 
@@ -15,7 +15,9 @@ from mlm.errors import ConfigError
 from mlm.kernels import cpu_linear, linear
 from mlm.model import MaskedLM, ModelConfig
 
-onednn = pytest.mark.skipif(cpu_linear._op is None, reason="this torch build has no oneDNN (mkldnn)")
+onednn = pytest.mark.skipif(
+    cpu_linear._op is None, reason="this torch build has no oneDNN (mkldnn)"
+)
 
 
 @onednn
@@ -24,7 +26,9 @@ def test_auto_takes_onednn_only_where_mkl_is_not_the_faster(monkeypatch, mkl_fas
     monkeypatch.setattr(cpu_linear, "_MKL_FAST", mkl_fast)
     assert cpu_linear.choose_gemm("auto") == ("mkl" if mkl_fast else "onednn")
     assert cpu_linear.choose_gemm("onednn") == "onednn" and cpu_linear.choose_gemm("mkl") == "mkl"
-    model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8))
+    model = MaskedLM(
+        ModelConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8)
+    )
     installed = mlm.kernels.install(model, "cpu")
     assert ("cpu_linear" in installed) is not mkl_fast
     assert isinstance(model.head.dense, cpu_linear.OneDNNLinear) is not mkl_fast
@@ -47,13 +51,20 @@ def leaves(lead, K, N, bias=True, x_grad=True, w_grad=True, transposed=False, se
         x = torch.randn(*lead, K, generator=g)
     w = torch.randn(N, K, generator=g) * K**-0.5
     b = torch.randn(N, generator=g) if bias else None
-    return [x.requires_grad_(x_grad), w.requires_grad_(w_grad), None if b is None else b.requires_grad_()]
+    return [
+        x.requires_grad_(x_grad),
+        w.requires_grad_(w_grad),
+        None if b is None else b.requires_grad_(),
+    ]
 
 
 def run(fn, tensors, grad_out_seed=1):
-    tensors = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+    tensors = [
+        None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in tensors
+    ]
     y = fn(*tensors)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(y.dtype)  # same in fp64
+    # same in fp64
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(y.dtype)
     y.backward(g)
     return [y.detach()] + [None if t is None or not t.requires_grad else t.grad for t in tensors]
 
@@ -99,7 +110,9 @@ def test_the_model_runs_its_matmuls_through_onednn(monkeypatch):
         return real(a, b, bias)
 
     monkeypatch.setattr(cpu_linear, "_gemm", counting)
-    cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    cfg = ModelConfig(
+        vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
+    )
     model = MaskedLM(cfg)
     mlm.kernels.install(model, "cpu", cpu_gemm="onednn")
     ids = torch.randint(5, 101, (2, 9))
@@ -107,7 +120,8 @@ def test_the_model_runs_its_matmuls_through_onednn(monkeypatch):
     labels[0, 0] = ids[0, 0]  # at least one target
     model(ids, labels=labels).backward()
     # Per block 4 linears (qkv, proj, fc1, fc2), then the head's dense and its decoder: 10 forward.
-    # Backward: 2 products each, for the input and the weight (every input descends from the embeddings).
+    # Backward: 2 products each, for the input and the weight (every input descends from the
+    # embeddings).
     assert len(calls) == 10 + 2 * 10
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -118,17 +132,25 @@ def test_falls_back_to_f_linear_where_it_does_not_apply(monkeypatch):
 
     monkeypatch.setattr(cpu_linear, "_gemm", refuse)
     x, w, b = (t.detach() for t in leaves((4,), 8, 6))
-    assert torch.equal(linear(x.double(), w.double(), b.double()), F.linear(x.double(), w.double(), b.double()))
-    assert torch.equal(linear(x.bfloat16(), w.bfloat16(), None), F.linear(x.bfloat16(), w.bfloat16()))
+    assert torch.equal(
+        linear(x.double(), w.double(), b.double()), F.linear(x.double(), w.double(), b.double())
+    )
+    assert torch.equal(
+        linear(x.bfloat16(), w.bfloat16(), None), F.linear(x.bfloat16(), w.bfloat16())
+    )
     assert linear(x[:0], w, b).shape == (0, 6)  # no rows
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast sends bf16 matmuls to oneDNN itself
+    # autocast sends bf16 matmuls to oneDNN itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         out = linear(x, w, b)
         assert out.dtype == torch.bfloat16 and torch.equal(out, F.linear(x, w, b))
 
 
 def test_inside_torch_compile_the_reference_is_traced(monkeypatch):
-    """Inside torch.compile the oneDNN op is not traced: the compiler picks its own (same fullgraph as before)."""
-    monkeypatch.setattr(cpu_linear, "_gemm", lambda *a: (_ for _ in ()).throw(AssertionError("traced _gemm")))
+    """Inside torch.compile the oneDNN op is not traced: the compiler picks its own (same fullgraph
+    as before)."""
+    monkeypatch.setattr(
+        cpu_linear, "_gemm", lambda *a: (_ for _ in ()).throw(AssertionError("traced _gemm"))
+    )
     x, w, b = (t.detach() for t in leaves((4,), 8, 6))
     compiled = torch.compile(linear, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, w, b), F.linear(x, w, b))
@@ -136,9 +158,17 @@ def test_inside_torch_compile_the_reference_is_traced(monkeypatch):
 
 @onednn
 def test_model_gradients_match_the_f_linear_path():
-    """A whole training step's loss and parameter gradients, oneDNN against the plain model's F.linear."""
-    cfg = ModelConfig(vocab_size=211, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96,
-                      hidden_dropout=0.0, attention_dropout=0.0)
+    """A whole training step's loss and parameter gradients, oneDNN against the plain model's
+    F.linear."""
+    cfg = ModelConfig(
+        vocab_size=211,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=96,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     torch.manual_seed(0)
     plain = MaskedLM(cfg)
     fast = copy.deepcopy(plain)

@@ -1,10 +1,10 @@
-"""mlm.kernels.cpu_logits: the decoder's logits under CPU autocast, a slice of the vocabulary at a time.
+"""mlm.kernels.cpu_logits: the decoder's logits under CPU autocast, a slice of the vocabulary at a
+time.
 
-The sliced path is the CPU path, so it runs for real here. CHUNK and MIN_WORDS are made small so that a
-small vocabulary takes it, in many slices, the last one partial. Its logits must be the reference's to
-within one bf16 step, no further from an fp64 product of the same bf16 operands than the reference's are,
-and it must step aside wherever it does not apply.
-"""
+The sliced path is the CPU path, so it runs for real here. CHUNK and MIN_WORDS are made small so
+that a small vocabulary takes it, in many slices, the last one partial. Its logits must be the
+reference's to within one bf16 step, no further from an fp64 product of the same bf16 operands than
+the reference's are, and it must step aside wherever it does not apply."""
 
 import pytest
 import torch
@@ -36,7 +36,9 @@ def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lead, V, bias", [((3, 5), 1000, True), ((7,), 129, False), ((2, 1, 4), 640, True)])
+@pytest.mark.parametrize(
+    "lead, V, bias", [((3, 5), 1000, True), ((7,), 129, False), ((2, 1, 4), 640, True)]
+)
 def test_sliced_logits_are_the_references_to_one_rounding_step(dtype, lead, V, bias):
     x, w, b = operands(lead, V=V, bias=bias)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
@@ -47,7 +49,9 @@ def test_sliced_logits_are_the_references_to_one_rounding_step(dtype, lead, V, b
     diff = (ours.double() - ref.double()).abs()
     assert (diff <= ulp(ref.double(), dtype)).all()
     # Against the exact product of the same rounded operands, no worse than the reference.
-    exact = F.linear(x.to(dtype).double(), w.to(dtype).double(), None if b is None else b.to(dtype).double())
+    exact = F.linear(
+        x.to(dtype).double(), w.to(dtype).double(), None if b is None else b.to(dtype).double()
+    )
     assert (ours.double() - exact).abs().max() <= (ref.double() - exact).abs().max() + 1e-12
 
 
@@ -58,7 +62,8 @@ def test_steps_aside_where_it_does_not_apply():
         assert torch.equal(vocab_logits(x, w, b), F.linear(x, w, b))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         wg = w.clone().requires_grad_()
-        assert not cpu_logits.applies(x, wg, b)  # autograd records: the reference, which has a gradient
+        # autograd records: the reference, which has a gradient
+        assert not cpu_logits.applies(x, wg, b)
         vocab_logits(x, wg, b).float().sum().backward()
         assert wg.grad is not None and wg.grad.shape == w.shape
         with torch.no_grad():
@@ -69,9 +74,20 @@ def test_steps_aside_where_it_does_not_apply():
 
 
 def test_the_installed_models_inference_logits_go_through_it(monkeypatch):
-    cfg = ModelConfig(family="deberta-v2", vocab_size=1000, hidden_size=48, num_layers=2, num_heads=4,
-                      intermediate_size=96, max_position_embeddings=64, position_buckets=16,
-                      max_relative_positions=32, type_vocab_size=0, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = ModelConfig(
+        family="deberta-v2",
+        vocab_size=1000,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        position_buckets=16,
+        max_relative_positions=32,
+        type_vocab_size=0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     torch.manual_seed(0)
     model = MaskedLM(cfg).eval()
     mlm.kernels.install(model, "cpu")

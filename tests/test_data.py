@@ -1,8 +1,9 @@
-"""The data path: token arrays on disk, packing into blocks, and the order of blocks (reading: test_corpus.py).
+"""The data path: token arrays on disk, packing into blocks, and the order of blocks (reading:
+test_corpus.py).
 
-The references are the `tokenizers` library itself (token ids, word ids), `transformers.AutoTokenizer`
-(trained tokenizers), and HF's `group_texts` layout (concatenate every document's ids, cut into blocks).
-"""
+The references are the `tokenizers` library itself (token ids, word ids),
+`transformers.AutoTokenizer` (trained tokenizers), and HF's `group_texts` layout (concatenate every
+document's ids, cut into blocks)."""
 
 import itertools
 import json
@@ -18,18 +19,14 @@ import torch
 from mlm import pipeline
 from mlm.config import parse_config
 from mlm.corpus import Corpus, default_corpus
-from mlm.data import (
-    BatchPlan,
-    PackedBlocks,
-    blocks_at,
-    check_block_size,
+from mlm.data import BatchPlan, PackedBlocks, blocks_at, check_block_size, stream_positions
+from mlm.dataset import (
     check_vocab,
     default_dataset,
     load_dataset_meta,
     open_split,
     prepare,
     split_is_val,
-    stream_positions,
 )
 from mlm.errors import ConfigError, DataError
 from mlm.masking import preview
@@ -92,7 +89,8 @@ def test_token_arrays_equal_tokenizers_encoding(bert_dataset, bert):
     assert meta["splits"]["val"] == {"docs": 0, "tokens": 0}
     offset = 0
     for i, doc in enumerate(DOCS):
-        encoding = bert.backend.encode(doc, add_special_tokens=True)  # [CLS] doc [SEP], as run_mlm.py does
+        # [CLS] doc [SEP], as run_mlm.py does
+        encoding = bert.backend.encode(doc, add_special_tokens=True)
         assert encoding.ids[0] == bert.cls_token_id and encoding.ids[-1] == bert.sep_token_id
         start, end = arrays.docs[i], arrays.docs[i + 1]
         assert start == offset and end == offset + len(encoding.ids)
@@ -121,13 +119,22 @@ def test_split_is_by_document_and_deterministic(tmp_path, bert):
     texts = [f"document number {i} says something {'long ' * (i % 7)}" for i in range(300)]
 
     def split(seed, name):
-        meta = prepare(Corpus.from_texts(texts), tmp_path / name, bert, val_fraction=0.2, seed=seed,
-                       batch_docs=37, progress=False)
+        meta = prepare(
+            Corpus.from_texts(texts),
+            tmp_path / name,
+            bert,
+            val_fraction=0.2,
+            seed=seed,
+            batch_docs=37,
+            progress=False,
+        )
         parts = {}
         for s in ("train", "val"):
             a = open_split(tmp_path / name, s)
-            parts[s] = [bert.decode(a.tokens[a.docs[i]: a.docs[i + 1]], skip_special_tokens=True)
-                        for i in range(len(a.docs) - 1)]
+            parts[s] = [
+                bert.decode(a.tokens[a.docs[i] : a.docs[i + 1]], skip_special_tokens=True)
+                for i in range(len(a.docs) - 1)
+            ]
         return meta, parts
 
     meta, parts = split(0, "a")
@@ -140,7 +147,13 @@ def test_split_is_by_document_and_deterministic(tmp_path, bert):
 
 
 def test_at_least_one_val_document(tmp_path, bert):
-    meta = prepare(Corpus.from_texts(["one doc", "two doc"]), tmp_path / "ds", bert, val_fraction=1e-9, progress=False)
+    meta = prepare(
+        Corpus.from_texts(["one doc", "two doc"]),
+        tmp_path / "ds",
+        bert,
+        val_fraction=1e-9,
+        progress=False,
+    )
     assert meta["splits"]["val"]["docs"] == 1 and meta["splits"]["train"]["docs"] == 1
     load_dataset_meta(tmp_path / "ds")  # sizes on disk agree with meta after moving the document
 
@@ -173,7 +186,9 @@ def test_incomplete_or_missing_folder_errors(tmp_path, bert_dataset, bert, bpe):
         (broken / p.name).write_bytes(p.read_bytes()[: -2 if p.name == "train.tokens" else None])
     with pytest.raises(DataError, match="train.tokens has .* bytes, expected"):
         PackedBlocks(broken, "train", 8)
-    with pytest.raises(DataError, match="vocabulary has 30522 tokens but this model/tokenizer has 600"):
+    with pytest.raises(
+        DataError, match="vocabulary has 30522 tokens but this model/tokenizer has 600"
+    ):
         check_vocab(bert_dataset, bpe)
     with pytest.raises(DataError, match="30522 tokens but this model/tokenizer has 50265"):
         check_vocab(bert_dataset, 50265)
@@ -185,7 +200,7 @@ def test_incomplete_or_missing_folder_errors(tmp_path, bert_dataset, bert, bpe):
 
 
 def test_default_dataset_is_made_once_and_reused(tmp_path, bert, monkeypatch):
-    import mlm.data
+    import mlm.dataset
 
     calls = []
 
@@ -193,7 +208,7 @@ def test_default_dataset_is_made_once_and_reused(tmp_path, bert, monkeypatch):
         calls.append(1)
         return Corpus.from_texts(DOCS, "tiny")
 
-    monkeypatch.setattr(mlm.data, "default_corpus", tiny_corpus)
+    monkeypatch.setattr(mlm.dataset, "default_corpus", tiny_corpus)
     monkeypatch.setenv("MLM_CACHE", str(tmp_path / "cache"))
     first = default_dataset(bert, progress=False)
     assert first.parent == tmp_path / "cache" and first.name.startswith("stdlib-py")
@@ -202,10 +217,11 @@ def test_default_dataset_is_made_once_and_reused(tmp_path, bert, monkeypatch):
 
 # ================================================================================== packing
 def group_texts(docs_ids: list[list[int]], block_size: int) -> list[list[int]]:
-    """HF run_mlm.py's layout: every document's ids end to end, cut into whole blocks, the rest dropped."""
+    """HF run_mlm.py's layout: every document's ids end to end, cut into whole blocks, the rest
+    dropped."""
     flat = [i for ids in docs_ids for i in ids]
     whole = len(flat) // block_size * block_size
-    return [flat[i: i + block_size] for i in range(0, whole, block_size)]
+    return [flat[i : i + block_size] for i in range(0, whole, block_size)]
 
 
 @pytest.mark.parametrize("block_size", [1, 7, 16, 64])
@@ -215,7 +231,10 @@ def test_packing_equals_group_texts(bert_dataset, bert, block_size):
     blocks = PackedBlocks(bert_dataset, "train", block_size)
     assert len(blocks) == len(expected)
     batch = blocks.get(np.arange(len(blocks)))
-    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (len(expected), block_size)
+    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (
+        len(expected),
+        block_size,
+    )
     assert batch["input_ids"].tolist() == expected
     assert batch["attention_mask"].eq(1).all()
     # A permuted request returns the same rows permuted.
@@ -248,12 +267,17 @@ def test_pad_mode_keeps_every_token_and_numbers_documents(bert_dataset, bert):
     expected[::T] = True  # ... and that fragment is a word of its own
     assert (starts == expected).all() and not batch["word_starts"].flatten()[~real].any()
     special = batch["special_mask"].flatten()
-    assert torch.equal(special[real], torch.isin(torch.tensor(flat), torch.tensor(bert.special_ids)))
+    assert torch.equal(
+        special[real], torch.isin(torch.tensor(flat), torch.tensor(bert.special_ids))
+    )
     assert special[~real].all()
 
 
 def test_block_size_and_remainder_errors(bert_dataset):
-    message = "block_size 1024 exceeds the model's max_position_embeddings 512; pass --block-size 512 or less"
+    message = (
+        "block_size 1024 exceeds the model's max_position_embeddings 512; "
+        "pass --block-size 512 or less"
+    )
     with pytest.raises(ConfigError, match=message):
         PackedBlocks(bert_dataset, "train", 1024, max_positions=512)
     check_block_size(512, 512)
@@ -270,8 +294,11 @@ def test_every_block_once_per_epoch_and_epochs_differ():
     N, seed = 103, 5
     blocks, epochs = blocks_at(np.arange(3 * N), N, seed)
     for e in range(3):
-        assert sorted(blocks[e * N: (e + 1) * N]) == list(range(N)) and (epochs[e * N: (e + 1) * N] == e).all()
-    assert not np.array_equal(blocks[:N], blocks[N: 2 * N])
+        assert (
+            sorted(blocks[e * N : (e + 1) * N]) == list(range(N))
+            and (epochs[e * N : (e + 1) * N] == e).all()
+        )
+    assert not np.array_equal(blocks[:N], blocks[N : 2 * N])
     assert not np.array_equal(blocks_at(np.arange(N), N, seed + 1)[0], blocks[:N])
 
 
@@ -287,7 +314,8 @@ def test_ranks_disjoint_complete_and_independent_of_world_size(micro):
             parts = [plan.rows(s) for plan in plans]
             positions = np.concatenate([p for rank in parts for _, p in rank])
             blocks = np.concatenate([b for rank in parts for b, _ in rank])
-            assert positions.tolist() == stream_positions(s, G).tolist()  # disjoint and complete, in rank order
+            # disjoint and complete, in rank order
+            assert positions.tolist() == stream_positions(s, G).tolist()
             assert blocks.tolist() == reference[s].tolist()  # the same global batch for every W
             if micro:
                 assert all(len(b) == micro for rank in parts for b, _ in rank)
@@ -306,7 +334,9 @@ def test_resume_from_step_continues_the_stream():
 
 
 def test_batch_plan_errors():
-    with pytest.raises(ConfigError, match="global batch 12 is not a multiple of world size 2 x micro batch 4 = 8"):
+    with pytest.raises(
+        ConfigError, match="global batch 12 is not a multiple of world size 2 x micro batch 4 = 8"
+    ):
         BatchPlan(100, 12, world_size=2, rank=0, micro_batch=4)
     with pytest.raises(ConfigError, match="not a multiple of world size 4"):
         BatchPlan(100, 6, world_size=4, rank=0)
@@ -322,34 +352,68 @@ def test_trained_tokenizer_loads_in_transformers_with_same_ids(tmp_path, small_t
     tokenizer = bpe if kind == "bpe" else train_tokenizer(small_texts, "wordpiece", 800)
     assert tokenizer.kind == kind and tokenizer.vocab_size <= 800
     if kind == "wordpiece":
-        assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                tokenizer.mask_token_id] == [0, 1, 2, 3, 4]
+        assert [
+            tokenizer.pad_token_id,
+            tokenizer.unk_token_id,
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+            tokenizer.mask_token_id,
+        ] == [0, 1, 2, 3, 4]
     else:
-        assert [tokenizer.cls_token_id, tokenizer.pad_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id,
-                tokenizer.mask_token_id] == [0, 1, 2, 3, 4]
+        assert [
+            tokenizer.cls_token_id,
+            tokenizer.pad_token_id,
+            tokenizer.sep_token_id,
+            tokenizer.unk_token_id,
+            tokenizer.mask_token_id,
+        ] == [0, 1, 2, 3, 4]
     tokenizer.save(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
-    texts = small_texts[:20] + DOCS + [f"a {tokenizer.mask_token} b", f"Upper CASE {tokenizer.mask_token}."]
+    texts = (
+        small_texts[:20]
+        + DOCS
+        + [f"a {tokenizer.mask_token} b", f"Upper CASE {tokenizer.mask_token}."]
+    )
     for text in texts:
         assert hf(text)["input_ids"] == tokenizer.encode(text), text
     assert hf.mask_token_id == tokenizer.mask_token_id and hf.pad_token_id == tokenizer.pad_token_id
 
 
-# ================================================================================== the command line
+# ================================================================================= the command line
 def run_prepare(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "prepare.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_cli_prepare_then_preview(tmp_path):
     write(tmp_path / "corpus" / "a.txt", "\n\n".join(DOCS * 3))
     write(tmp_path / "corpus" / "b.jsonl", "\n".join(json.dumps({"text": d}) for d in DOCS))
     out = tmp_path / "ds"
-    done = run_prepare("--data", tmp_path / "corpus", "--train-tokenizer", "wordpiece", "--vocab-size", 300,
-                       "--out", out, "--quiet", "--val-fraction", 0.1)
+    done = run_prepare(
+        "--data",
+        tmp_path / "corpus",
+        "--train-tokenizer",
+        "wordpiece",
+        "--vocab-size",
+        300,
+        "--out",
+        out,
+        "--quiet",
+        "--val-fraction",
+        0.1,
+    )
     assert done.returncode == 0, done.stderr
-    assert f"Prepared {len(DOCS) * 4} documents" in done.stdout and "no undecodable bytes" in done.stdout
+    assert (
+        f"Prepared {len(DOCS) * 4} documents" in done.stdout
+        and "no undecodable bytes" in done.stdout
+    )
     meta = load_dataset_meta(out)
     assert meta["docs"] == len(DOCS) * 4 and meta["splits"]["val"]["docs"] >= 1
 
@@ -358,8 +422,8 @@ def test_cli_prepare_then_preview(tmp_path):
     rows = [line for line in shown.stdout.splitlines() if line.startswith(">>> ")]
     assert len(rows) == 2 and "targets:" in shown.stdout
 
-    # With train.py's own flags, the masks training would use: the first blocks of step 0, whatever the
-    # global batch, masked by the pipeline with those settings.
+    # With train.py's own flags, the masks training would use: the first blocks of step 0, whatever
+    # the global batch, masked by the pipeline with those settings.
     flags = ["--block-size", 32, "--seed", 3, "--mlm-probability", 0.4, "--whole-word-mask"]
     shown = run_prepare("--preview", out, "-n", 3, *flags)
     assert shown.returncode == 0, shown.stderr
@@ -367,18 +431,31 @@ def test_cli_prepare_then_preview(tmp_path):
     tokenizer = Tokenizer.from_pretrained(out)
     blocks = PackedBlocks(out, "train", 32)
     plan = BatchPlan(len(blocks), 8, seed=3)
-    step0 = pipeline.assemble(0, plan, blocks, pipeline.Masking.of(cfg, tokenizer), seed=3, doc_attention=False)[0]
-    assert shown.stdout.strip() == preview(tokenizer.decode, step0.input_ids, step0.labels,
-                                           mask_token=tokenizer.mask_token, n=3).strip()
-    assert shown.stdout != run_prepare("--preview", out, "-n", 3, *flags[:4]).stdout  # the flags count
+    step0 = pipeline.assemble(
+        0, plan, blocks, pipeline.Masking.of(cfg, tokenizer), seed=3, doc_attention=False
+    )[0]
+    assert (
+        shown.stdout.strip()
+        == preview(
+            tokenizer.decode, step0.input_ids, step0.labels, mask_token=tokenizer.mask_token, n=3
+        ).strip()
+    )
+    # the flags count
+    assert shown.stdout != run_prepare("--preview", out, "-n", 3, *flags[:4]).stdout
 
 
 @pytest.mark.parametrize("case", ["empty", "missing"])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, case, minilm_dir):
-    data = write(tmp_path / "empty.txt", "\n\n  \n") if case == "empty" else tmp_path / "missing.txt"
-    done = run_prepare("--data", data, "--tokenizer", minilm_dir, "--out", tmp_path / "out", "--quiet")
+    data = (
+        write(tmp_path / "empty.txt", "\n\n  \n") if case == "empty" else tmp_path / "missing.txt"
+    )
+    done = run_prepare(
+        "--data", data, "--tokenizer", minilm_dir, "--out", tmp_path / "out", "--quiet"
+    )
     assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, (
+        done.stderr
+    )
     assert "Traceback" not in done.stderr
     assert ("no documents" if case == "empty" else "no such file") in done.stderr
     assert not (tmp_path / "out").exists()

@@ -1,8 +1,8 @@
 """DeBERTa-v2/v3 ("deberta-v2") against `transformers.DebertaV2ForMaskedLM`, switch by switch.
 
-Every checkpoint is a tiny random one that transformers itself builds and saves (conftest.make_hf_checkpoint),
-beside a deberta-v3-like spm.model tokenizer folder whose model has more embedding rows than the tokenizer
-has tokens, as deberta-v3's 128,100 rows for 128,001 tokens.
+Every checkpoint is a tiny random one that transformers itself builds and saves
+(conftest.make_hf_checkpoint), beside a deberta-v3-like spm.model tokenizer folder whose model has
+more embedding rows than the tokenizer has tokens, as deberta-v3's 128,100 rows for 128,001 tokens.
 """
 
 import json
@@ -16,10 +16,17 @@ import torch
 from conftest import EXTRA_ROWS, make_hf_checkpoint
 from safetensors.torch import load_file
 from torch.testing import assert_close
-from transformers import AutoModelForMaskedLM, DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2Model, pipeline
+from transformers import (
+    AutoModelForMaskedLM,
+    DebertaV2Config,
+    DebertaV2ForMaskedLM,
+    DebertaV2Model,
+    pipeline,
+)
 
 import mlm
-from mlm.hf import BASE, KEYS, expand, load_model, table_for
+from mlm.hf import expand, load_model, table_for
+from mlm.hf_tables import BASE, KEYS
 from mlm.masking import IGNORE_INDEX
 from mlm.model import MaskedLM, ModelConfig
 from mlm.model.deberta import RelativePositions
@@ -29,9 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Overrides of conftest's deberta-v3-like config, one switch (or an awkward pair) at a time.
 SWITCHES = {
     "v3-like": {},
-    "no-buckets": dict(position_buckets=-1),  # clamp to max_relative_positions = max_position_embeddings
-    "no-buckets-clamped": dict(position_buckets=-1, max_relative_positions=6),  # T > 6: clamping shows
-    "buckets-short-range": dict(position_buckets=6, max_relative_positions=12),  # T > 12: past the log scale
+    # clamp to max_relative_positions = max_position_embeddings
+    "no-buckets": dict(position_buckets=-1),
+    # T > 6: clamping shows
+    "no-buckets-clamped": dict(position_buckets=-1, max_relative_positions=6),
+    # T > 12: past the log scale
+    "buckets-short-range": dict(position_buckets=6, max_relative_positions=12),
     "own-position-projections": dict(share_att_key=False),  # v2 style: pos_key_proj, pos_query_proj
     "c2p-only": dict(pos_att_type="c2p"),
     "p2c-only": dict(pos_att_type=["p2c"]),
@@ -50,20 +60,26 @@ def checkpoint(tmp_path_factory):
 
     def build(name: str) -> Path:
         if name not in built:
-            built[name] = make_hf_checkpoint("deberta-v2", root / name, seed=len(built), **SWITCHES[name])
+            built[name] = make_hf_checkpoint(
+                "deberta-v2", root / name, seed=len(built), **SWITCHES[name]
+            )
         return built[name]
 
     return build
 
 
 def batch(cfg: ModelConfig, seed: int = 0, B: int = 4, T: int = 19):
-    """Right-padded random ids (rows of 19, 13, 3 and 18 tokens), token types on the second half, labels at ~30%."""
+    """Right-padded random ids (rows of 19, 13, 3 and 18 tokens), token types on the second half,
+    labels at ~30%."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.vocab_size, (B, T), generator=g)  # the rows past the tokenizer's tokens included
+    # the rows past the tokenizer's tokens included
+    ids = torch.randint(5, cfg.vocab_size, (B, T), generator=g)
     attention = (torch.arange(T)[None, :] < torch.tensor([T, T - 6, 3, T - 1])[:, None]).long()
     ids[attention == 0] = cfg.pad_token_id
     types = (torch.arange(T) >= T // 2).long().expand(B, T) if cfg.type_vocab_size else None
-    labels = torch.where((torch.rand(B, T, generator=g) < 0.3) & attention.bool(), ids, IGNORE_INDEX)
+    labels = torch.where(
+        (torch.rand(B, T, generator=g) < 0.3) & attention.bool(), ids, IGNORE_INDEX
+    )
     return ids, attention, types, labels
 
 
@@ -87,13 +103,25 @@ def test_logits_and_loss_match_transformers(checkpoint, name):
     assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["v3-like", "own-position-projections", "p2c-only", "lm-predictions-head",
-                                  "narrow-embeddings", "absolute-positions-and-types"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "v3-like",
+        "own-position-projections",
+        "p2c-only",
+        "lm-predictions-head",
+        "narrow-embeddings",
+        "absolute-positions-and-types",
+    ],
+)
 def test_gradients_match_transformers(checkpoint, name):
-    """d(loss)/d(every parameter), ours mapped to HF's names through the key table (QKV cut in three)."""
+    """d(loss)/d(every parameter), ours mapped to HF's names through the key table (QKV cut in
+    three)."""
     ref, ours = both(checkpoint(name))
     ids, attention, types, labels = batch(ours.config, seed=1)
-    ref(input_ids=ids, attention_mask=attention, token_type_ids=types, labels=labels).loss.backward()
+    ref(
+        input_ids=ids, attention_mask=attention, token_type_ids=types, labels=labels
+    ).loss.backward()
     ours(ids, attention, token_type_ids=types, labels=labels).backward()
     theirs = dict(ref.named_parameters())
     ours_by_name = dict(ours.named_parameters())
@@ -108,35 +136,59 @@ def test_gradients_match_transformers(checkpoint, name):
 
 
 def test_relative_index_is_transformers_for_long_sequences():
-    """The table row of every query-key pair, as transformers computes it, up to deberta-v3's 512 tokens."""
+    """The table row of every query-key pair, as transformers computes it, up to deberta-v3's 512
+    tokens."""
     from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
-    for buckets, max_rel, T in [(256, -1, 512), (256, 512, 300), (8, -1, 64), (6, 12, 40), (0, 6, 20), (0, -1, 64)]:
-        cfg = ModelConfig(family="deberta-v2", hidden_size=8, num_heads=2, max_position_embeddings=max(T, 64),
-                          position_buckets=buckets, max_relative_positions=max_rel)
+    for buckets, max_rel, T in [
+        (256, -1, 512),
+        (256, 512, 300),
+        (8, -1, 64),
+        (6, 12, 40),
+        (0, 6, 20),
+        (0, -1, 64),
+    ]:
+        cfg = ModelConfig(
+            family="deberta-v2",
+            hidden_size=8,
+            num_heads=2,
+            max_position_embeddings=max(T, 64),
+            position_buckets=buckets,
+            max_relative_positions=max_rel,
+        )
         table, index = RelativePositions(cfg)(T)
         span = cfg.relative_span
         assert table.shape[0] == 2 * span
         x = torch.zeros(1, T, 1)
-        d = build_relative_position(x, x, bucket_size=buckets or -1, max_position=cfg.max_distance)[0]
+        d = build_relative_position(x, x, bucket_size=buckets or -1, max_position=cfg.max_distance)[
+            0
+        ]
         assert torch.equal(index, (d + span).clamp(0, 2 * span - 1)), (buckets, max_rel, T)
 
 
 def real_v3_like(src: Path, folder: Path, **config_changes) -> Path:
-    """What microsoft/deberta-v3-* ship, at a tiny size: pytorch_model.bin holding the encoder, an unused
-    absolute position table, the discriminator's mask_predictions.* and an lm_predictions.lm_head.*, but no
-    cls.predictions.*; a config.json without `legacy` (so, legacy: cls.predictions.* is the head)."""
+    """What microsoft/deberta-v3-* ship, at a tiny size: pytorch_model.bin holding the encoder, an
+    unused absolute position table, the discriminator's mask_predictions.* and an
+    lm_predictions.lm_head.*, but no cls.predictions.*; a config.json without `legacy` (so, legacy:
+    cls.predictions.* is the head)."""
     shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model.safetensors"))
-    state = {k: v for k, v in load_file(src / "model.safetensors").items() if not k.startswith("cls.")}
+    state = {
+        k: v for k, v in load_file(src / "model.safetensors").items() if not k.startswith("cls.")
+    }
     g = torch.Generator().manual_seed(9)
     C, V = 45, state["deberta.embeddings.word_embeddings.weight"].shape[0]
     shapes = {
         "deberta.embeddings.position_embeddings.weight": (64, C),
-        "mask_predictions.dense.weight": (C, C), "mask_predictions.dense.bias": (C,),
-        "mask_predictions.LayerNorm.weight": (C,), "mask_predictions.LayerNorm.bias": (C,),
-        "mask_predictions.classifier.weight": (1, C), "mask_predictions.classifier.bias": (1,),
-        "lm_predictions.lm_head.dense.weight": (C, C), "lm_predictions.lm_head.dense.bias": (C,),
-        "lm_predictions.lm_head.LayerNorm.weight": (C,), "lm_predictions.lm_head.LayerNorm.bias": (C,),
+        "mask_predictions.dense.weight": (C, C),
+        "mask_predictions.dense.bias": (C,),
+        "mask_predictions.LayerNorm.weight": (C,),
+        "mask_predictions.LayerNorm.bias": (C,),
+        "mask_predictions.classifier.weight": (1, C),
+        "mask_predictions.classifier.bias": (1,),
+        "lm_predictions.lm_head.dense.weight": (C, C),
+        "lm_predictions.lm_head.dense.bias": (C,),
+        "lm_predictions.lm_head.LayerNorm.weight": (C,),
+        "lm_predictions.lm_head.LayerNorm.bias": (C,),
         "lm_predictions.lm_head.bias": (V,),
     }
     state.update({k: torch.randn(shape, generator=g) * 0.1 for k, shape in shapes.items()})
@@ -154,13 +206,19 @@ def test_real_v3_like_checkpoint_gets_a_fresh_head_with_one_note_each(checkpoint
     notes = [r.getMessage() for r in caplog.records if r.name == "mlm"]
     assert len(notes) == 2
     assert notes[0].startswith("ignored 12 unused checkpoint keys")
-    for group in ("deberta.embeddings.position_embeddings.weight", "mask_predictions.", "lm_predictions.lm_head."):
+    for group in (
+        "deberta.embeddings.position_embeddings.weight",
+        "mask_predictions.",
+        "lm_predictions.lm_head.",
+    ):
         assert group in notes[0]
     assert "no MLM head weights (cls.predictions.*)" in notes[1] and "must be trained" in notes[1]
-    assert torch.all(model.head.decoder.bias == 0) and torch.all(model.head.norm.weight == 1)  # fresh, as transformers'
+    # fresh, as transformers'
+    assert torch.all(model.head.decoder.bias == 0) and torch.all(model.head.norm.weight == 1)
 
     ref, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
-    assert {k.split(".")[0] for k in info["missing_keys"]} == {"cls"}  # transformers also starts the head afresh
+    # transformers also starts the head afresh
+    assert {k.split(".")[0] for k in info["missing_keys"]} == {"cls"}
     encoder = DebertaV2Model.from_pretrained(folder).eval()
     ids, attention, _, _ = batch(model.config, seed=3)
     real = attention.bool()
@@ -169,8 +227,11 @@ def test_real_v3_like_checkpoint_gets_a_fresh_head_with_one_note_each(checkpoint
         assert_close(model.encode(ids, attention)[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
-def test_real_v3_like_checkpoint_with_legacy_false_uses_lm_predictions(checkpoint, tmp_path, caplog):
-    """The naming config.json picks decides: legacy=false reads lm_predictions.lm_head.* as the head."""
+def test_real_v3_like_checkpoint_with_legacy_false_uses_lm_predictions(
+    checkpoint, tmp_path, caplog
+):
+    """The naming config.json picks decides: legacy=false reads lm_predictions.lm_head.* as the
+    head."""
     folder = real_v3_like(checkpoint("v3-like"), tmp_path / "v3", legacy=False)
     with caplog.at_level("INFO", logger="mlm"):
         model = load_model(folder)
@@ -186,27 +247,43 @@ def test_real_v3_like_checkpoint_with_legacy_false_uses_lm_predictions(checkpoin
 
 
 # Configurations that, between them, make transformers write every key it has for DeBERTa-v2.
-TINY = dict(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=9,
-            relative_attention=True, pos_att_type="p2c|c2p", share_att_key=False, norm_rel_ebd="layer_norm",
-            position_biased_input=True, type_vocab_size=2)
+TINY = dict(
+    vocab_size=50,
+    hidden_size=8,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=9,
+    relative_attention=True,
+    pos_att_type="p2c|c2p",
+    share_att_key=False,
+    norm_rel_ebd="layer_norm",
+    position_biased_input=True,
+    type_vocab_size=2,
+)
 
 
 def test_table_names_every_key_transformers_writes_and_no_other():
-    """Parameters and buffers of the masked-LM model with each head naming, of the bare encoder under the
-    prefix, of a narrow-embedding model; plus v3's mask_predictions.*, which no transformers class has."""
+    """Parameters and buffers of the masked-LM model with each head naming, of the bare encoder
+    under the prefix, of a narrow-embedding model; plus v3's mask_predictions.*, which no
+    transformers class has."""
     written = set()
     for changes in ({}, {"legacy": False}, {"embedding_size": 6}):
         model = DebertaV2ForMaskedLM(DebertaV2Config(**TINY, **changes))
         written |= set(model.state_dict()) | {n for n, _ in model.named_buffers()}
     bare = DebertaV2Model(DebertaV2Config(**TINY))
     written |= {"deberta." + n for n in [*bare.state_dict(), *(n for n, _ in bare.named_buffers())]}
-    table = {n for names, _ in expand(KEYS["deberta-v2"], BASE["deberta-v2"], num_layers=2) for n in names}
+    table = {
+        n
+        for names, _ in expand(KEYS["deberta-v2"], BASE["deberta-v2"], num_layers=2)
+        for n in names
+    }
     assert table - written == {n for n in table if n.startswith("mask_predictions.")}
     assert written <= table
 
 
 def test_sharded_bin_checkpoint(checkpoint, tmp_path):
-    """pytorch_model-0000k-of-00003.bin shards and their index, as transformers 4 wrote them (5 writes safetensors)."""
+    """pytorch_model-0000k-of-00003.bin shards and their index, as transformers 4 wrote them (5
+    writes safetensors)."""
     folder = checkpoint("own-position-projections")
     state = load_file(folder / "model.safetensors")
     names = sorted(state)
@@ -215,7 +292,9 @@ def test_sharded_bin_checkpoint(checkpoint, tmp_path):
         shard = f"pytorch_model-{k + 1:05d}-of-00003.bin"
         torch.save({n: state[n] for n in names[k::3]}, tmp_path / shard)
         weight_map.update({n: shard for n in names[k::3]})
-    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     model = load_model(tmp_path)
     ref = AutoModelForMaskedLM.from_pretrained(folder).eval()
@@ -224,9 +303,13 @@ def test_sharded_bin_checkpoint(checkpoint, tmp_path):
         assert_close(model(ids), ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------ fill-mask
-MASKED = ["The parser returns a [MASK] of the arguments.", "Return the [MASK] value, and the <mask> of it.",
-          "[MASK]", "A much longer text, so that the batch needs padding: the [MASK] is written to the file."]
+# ---------------------------------------------------------------------------------------- fill-mask
+MASKED = [
+    "The parser returns a [MASK] of the arguments.",
+    "Return the [MASK] value, and the <mask> of it.",
+    "[MASK]",
+    "A much longer text, so that the batch needs padding: the [MASK] is written to the file.",
+]
 
 
 def assert_same_result(ours, ref):
@@ -236,7 +319,11 @@ def assert_same_result(ours, ref):
             assert_same_result(a, b)
         return
     for a, b in zip(ours, ref):
-        assert (a["token"], a["token_str"], a["sequence"]) == (b["token"], b["token_str"], b["sequence"])
+        assert (a["token"], a["token_str"], a["sequence"]) == (
+            b["token"],
+            b["token_str"],
+            b["sequence"],
+        )
         assert abs(a["score"] - b["score"]) < 1e-4
 
 
@@ -245,17 +332,20 @@ def test_fill_mask_equals_pipeline(checkpoint, name):
     folder = checkpoint(name)
     model, tokenizer = mlm.load_pretrained(folder)
     fill = pipeline("fill-mask", model=str(folder), device="cpu")
-    texts = [t.replace("<mask>", "[MASK]") for t in MASKED]  # the pipeline knows only the model's own spelling
+    # the pipeline knows only the model's own spelling
+    texts = [t.replace("<mask>", "[MASK]") for t in MASKED]
     for text, result in zip(texts, mlm.fill_mask(model, tokenizer, MASKED, top_k=6)):
         assert_same_result(result, fill(text, top_k=6))
     targets = ["the", "value", "zzzq"]  # the last is not a piece: its first token stands in
-    assert_same_result(mlm.fill_mask(model, tokenizer, MASKED[0], top_k=10, targets=targets),
-                       fill(texts[0], top_k=10, targets=targets))
+    assert_same_result(
+        mlm.fill_mask(model, tokenizer, MASKED[0], top_k=10, targets=targets),
+        fill(texts[0], top_k=10, targets=targets),
+    )
 
 
 def test_fill_mask_rows_past_the_tokenizer_decode_as_the_pipeline_does(checkpoint, tmp_path):
-    """deberta-v3 has embedding rows no token maps to; where the head ranks them first, the pipeline shows
-    them with an empty token_str and drops them from the sequence, and so do we."""
+    """deberta-v3 has embedding rows no token maps to; where the head ranks them first, the pipeline
+    shows them with an empty token_str and drops them from the sequence, and so do we."""
     folder = shutil.copytree(checkpoint("v3-like"), tmp_path / "rows")
     model, tokenizer = mlm.load_pretrained(folder)
     with torch.no_grad():
@@ -263,23 +353,44 @@ def test_fill_mask_rows_past_the_tokenizer_decode_as_the_pipeline_does(checkpoin
     mlm.save_pretrained(model, None, folder)
     fill = pipeline("fill-mask", model=str(folder), device="cpu")
     ours = mlm.fill_mask(model, tokenizer, MASKED[:2], top_k=4)
-    assert {c["token"] for c in ours[0]} <= set(range(tokenizer.vocab_size, model.config.vocab_size))
+    assert {c["token"] for c in ours[0]} <= set(
+        range(tokenizer.vocab_size, model.config.vocab_size)
+    )
     assert ours[0][0]["token_str"] == ""
     for result, text in zip(ours, MASKED[:2]):
         assert_same_result(result, fill(text.replace("<mask>", "[MASK]"), top_k=4))
 
 
-# ------------------------------------------------------------------------------------------ the model
+# ---------------------------------------------------------------------------------------- the model
 def tiny(**changes) -> MaskedLM:
     torch.manual_seed(0)
-    return MaskedLM(ModelConfig(**{**dict(family="deberta-v2", vocab_size=97, hidden_size=48, num_layers=2, num_heads=4,
-                                          intermediate_size=40, max_position_embeddings=64, type_vocab_size=0,
-                                          position_biased_input=False, position_buckets=8, layer_norm_eps=1e-7,
-                                          hidden_dropout=0.0, attention_dropout=0.0), **changes}))
+    return MaskedLM(
+        ModelConfig(
+            **{
+                **dict(
+                    family="deberta-v2",
+                    vocab_size=97,
+                    hidden_size=48,
+                    num_layers=2,
+                    num_heads=4,
+                    intermediate_size=40,
+                    max_position_embeddings=64,
+                    type_vocab_size=0,
+                    position_biased_input=False,
+                    position_buckets=8,
+                    layer_norm_eps=1e-7,
+                    hidden_dropout=0.0,
+                    attention_dropout=0.0,
+                ),
+                **changes,
+            }
+        )
+    )
 
 
 def test_document_mask_equals_running_each_document_alone():
-    """Relative positions do not depend on where a document starts, so no position trick is needed."""
+    """Relative positions do not depend on where a document starts, so no position trick is
+    needed."""
     model = tiny().eval()
     ids = torch.randint(5, 97, (1, 16), generator=torch.Generator().manual_seed(0))
     doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [-1] * 2])  # two documents, then padding
@@ -288,7 +399,8 @@ def test_document_mask_equals_running_each_document_alone():
         for doc in (0, 1):
             at = doc_ids[0] == doc
             assert_close(packed[at], model.encode(ids[:, at])[0], atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(packed[:14], model.encode(ids[:, :14])[0], atol=1e-4)  # without the mask
+        # without the mask
+        assert not torch.allclose(packed[:14], model.encode(ids[:, :14])[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -297,7 +409,9 @@ def test_autocast_forward_and_backward(dtype):
     ids = torch.randint(5, 97, (3, 20), generator=torch.Generator().manual_seed(1))
     attention = torch.ones_like(ids)
     attention[1, 12:] = 0
-    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.3, ids, IGNORE_INDEX)
+    labels = torch.where(
+        torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.3, ids, IGNORE_INDEX
+    )
     reference = model(ids, attention, labels=labels)
     with torch.autocast("cpu", dtype=dtype):
         loss = model(ids, attention, labels=labels)
@@ -307,16 +421,22 @@ def test_autocast_forward_and_backward(dtype):
 
 
 def test_fp16_does_not_overflow_where_transformers_does(tmp_path):
-    """Scores of ~1e5 before the 1/sqrt(3D) scale: transformers' c2p product overflows fp16; ours scales first."""
+    """Scores of ~1e5 before the 1/sqrt(3D) scale: transformers' c2p product overflows fp16; ours
+    scales first."""
     model = tiny(num_heads=1, hidden_size=64, intermediate_size=64).eval()
-    with torch.no_grad():  # q = k = 100 x, and position keys 100 x (normalised table): products ~ 1e5
+    # q = k = 100 x, and position keys 100 x (normalised table): products ~ 1e5
+    with torch.no_grad():
         model.encoder.blocks[0].attn.qkv.weight[:128].copy_(100 * torch.eye(64).repeat(2, 1))
         model.encoder.blocks[0].attn.qkv.bias.zero_()
     ids = torch.randint(5, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model.encode(ids)
-        c2p = model.encoder.blocks[0].attn.qkv(model.encoder.embeddings(ids))[..., :64] @ (100 * model.encoder.relative(24)[0]).T
-        assert c2p.abs().max() > torch.finfo(torch.float16).max  # the unscaled product does not fit in fp16
+        c2p = (
+            model.encoder.blocks[0].attn.qkv(model.encoder.embeddings(ids))[..., :64]
+            @ (100 * model.encoder.relative(24)[0]).T
+        )
+        # the unscaled product does not fit in fp16
+        assert c2p.abs().max() > torch.finfo(torch.float16).max
         with torch.autocast("cpu", dtype=torch.float16):
             got = model.encode(ids)
     assert torch.isfinite(got).all()
@@ -350,8 +470,13 @@ BAD_TOKENIZERS = {"no-spm-model": None, "corrupt-spm-model": b"not a sentencepie
 
 
 def run_infer(folder):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(folder), "a [MASK]"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), "--model", str(folder), "a [MASK]"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def bad_folder(src: Path, folder: Path, case: str) -> Path:

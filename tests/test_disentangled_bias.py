@@ -1,10 +1,11 @@
-"""mlm.kernels.disentangled_bias: DeBERTa's position terms by a relative shift, against the gather reference.
+"""mlm.kernels.disentangled_bias: DeBERTa's position terms by a relative shift, against the gather
+reference.
 
-Forward and every gradient (q, k, pos_q, pos_k) on awkward shapes: one token, primes, one head, odd head
-dims, indices with log buckets and clamping (several distances on one row), one term or both, q and k as
-head views of a fused projection. In fp32 the kernel's error against an fp64 reference must stay within 2x
-of the reference's own (plus a few ulps); in bf16 within 2x of what the reference makes in bf16.
-"""
+Forward and every gradient (q, k, pos_q, pos_k) on awkward shapes: one token, primes, one head, odd
+head dims, indices with log buckets and clamping (several distances on one row), one term or both, q
+and k as head views of a fused projection. In fp32 the kernel's error against an fp64 reference must
+stay within 2x of the reference's own (plus a few ulps); in bf16 within 2x of what the reference
+makes in bf16."""
 
 import pytest
 import torch
@@ -27,9 +28,16 @@ CASES = [
 
 
 def make(B, H, T, D, buckets, max_rel, terms, dtype=torch.float32, seed=0):
-    """q, k as head views of a fused (B, T, 3C) projection; pos_q, pos_k (H, R, D) from one (R, 2C) product."""
-    cfg = ModelConfig(family="deberta-v2", hidden_size=H * D, num_heads=H, max_position_embeddings=64,
-                      position_buckets=buckets, max_relative_positions=max_rel)
+    """q, k as head views of a fused (B, T, 3C) projection; pos_q, pos_k (H, R, D) from one (R, 2C)
+    product."""
+    cfg = ModelConfig(
+        family="deberta-v2",
+        hidden_size=H * D,
+        num_heads=H,
+        max_position_embeddings=64,
+        position_buckets=buckets,
+        max_relative_positions=max_rel,
+    )
     table, index = RelativePositions(cfg)(T)
     g = torch.Generator().manual_seed(seed)
     C, R = H * D, table.shape[0]

@@ -17,7 +17,8 @@ TEXTS = [
     "The parser returns a [MASK] of the arguments.",
     "Return the <mask> value, and the [MASK] of it.",  # two masks, both spellings
     "[MASK]",
-    "A much longer text, so that the batch needs padding: the [MASK] is written to the file and then closed.",
+    "A much longer text, so that the batch needs padding: the [MASK] is written to the file and "
+    "then closed.",
 ]
 
 
@@ -35,7 +36,11 @@ def assert_same_result(ours, ref):
         return
     for a, b in zip(ours, ref):
         assert list(a) == ["score", "token", "token_str", "sequence"] == list(b)
-        assert (a["token"], a["token_str"], a["sequence"]) == (b["token"], b["token_str"], b["sequence"])
+        assert (a["token"], a["token_str"], a["sequence"]) == (
+            b["token"],
+            b["token_str"],
+            b["sequence"],
+        )
         assert abs(a["score"] - b["score"]) < 1e-5
 
 
@@ -51,7 +56,9 @@ def test_fill_mask_equals_pipeline(hf_checkpoints, family):
 
 def test_single_string_and_small_batches(hf_checkpoints):
     model, tokenizer = mlm.load_pretrained(hf_checkpoints["bert"])
-    assert_same_result(fill_mask(model, tokenizer, TEXTS[0]), hf_fill(hf_checkpoints["bert"], TEXTS[0]))
+    assert_same_result(
+        fill_mask(model, tokenizer, TEXTS[0]), hf_fill(hf_checkpoints["bert"], TEXTS[0])
+    )
     one_by_one = fill_mask(model, tokenizer, TEXTS, batch_size=1)
     for a, b in zip(one_by_one, fill_mask(model, tokenizer, TEXTS, batch_size=3)):
         assert_same_result(a, b)
@@ -60,7 +67,8 @@ def test_single_string_and_small_batches(hf_checkpoints):
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_targets(hf_checkpoints, family):
     model, tokenizer = mlm.load_pretrained(hf_checkpoints[family])
-    targets = ["the", "value", "zzzq"]  # the last is not a vocabulary word: its first token stands in
+    # the last is not a vocabulary word: its first token stands in
+    targets = ["the", "value", "zzzq"]
     ours = fill_mask(model, tokenizer, TEXTS[0], top_k=10, targets=targets)
     ref = hf_fill(hf_checkpoints[family], TEXTS[0], top_k=10, targets=targets)
     assert len(ours) <= 3
@@ -74,8 +82,14 @@ def test_text_without_mask_is_an_input_error(hf_checkpoints):
 
 
 def run_infer(*args, stdin=None):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], input=stdin,
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_cli_json_matches_pipeline(hf_checkpoints):
@@ -84,7 +98,8 @@ def test_cli_json_matches_pipeline(hf_checkpoints):
     assert out.returncode == 0, out.stderr
     assert_same_result(json.loads(out.stdout), hf_fill(folder, TEXTS[0], top_k=3))
 
-    out = run_infer("--model", folder, "--json", TEXTS[0], TEXTS[1])  # several texts: a list of results
+    # several texts: a list of results
+    out = run_infer("--model", folder, "--json", TEXTS[0], TEXTS[1])
     got = json.loads(out.stdout)
     assert len(got) == 2
     assert_same_result(got[1], hf_fill(folder, TEXTS[1]))
@@ -103,13 +118,19 @@ def test_cli_reads_stdin_and_files_and_prints_a_table(hf_checkpoints, tmp_path):
     assert [len(r) for r in json.loads(out.stdout)] == [2, 2, 2, 2]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "{bert}", "no mask in this text"], "has no mask token"),
-    (["--model", "/does/not/exist", "a [MASK]"], "does not exist"),
-    (["--model", "{bert}", "--top-k", "0", "a [MASK]"], "top_k must be at least 1"),
-    (["--model", "{bert}", "--file", "/does/not/exist.txt"], "cannot read --file"),
-    (["--model", "{bert}", "--file", "{latin1}"], "latin1.txt' is not UTF-8 text (line 2 has byte 0xe9)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{bert}", "no mask in this text"], "has no mask token"),
+        (["--model", "/does/not/exist", "a [MASK]"], "does not exist"),
+        (["--model", "{bert}", "--top-k", "0", "a [MASK]"], "top_k must be at least 1"),
+        (["--model", "{bert}", "--file", "/does/not/exist.txt"], "cannot read --file"),
+        (
+            ["--model", "{bert}", "--file", "{latin1}"],
+            "latin1.txt' is not UTF-8 text (line 2 has byte 0xe9)",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(hf_checkpoints, tmp_path, args, message):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("The [MASK] is open.\nThe café is [MASK].\n".encode("latin-1"))

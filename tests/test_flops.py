@@ -14,32 +14,54 @@ def test_bert_base_flops_by_hand():
     # Matmul parameters: 12 x (4 x 768^2 + 2 x 768 x 3072) = 84,934,656 in the blocks, and
     # 768^2 + 768 x 30522 = 24,030,720 in the head. Training: 6 FLOPs per parameter and token, plus
     # 12 x layers x C x T = 14,155,776 for attention's scores and weighted sum at T = 128.
-    assert model_flops_per_token(base, 128, training=True) == 6 * (84_934_656 + 24_030_720) + 14_155_776
+    assert (
+        model_flops_per_token(base, 128, training=True)
+        == 6 * (84_934_656 + 24_030_720) + 14_155_776
+    )
     assert model_flops_per_token(base, 128, training=True) == 667_948_032
     assert model_flops_per_token(base, 128, training=False) * 3 == 667_948_032
     # Hardware FLOPs with the head on 15% of the rows: 85% of the head's 6 x 24,030,720 is not done.
-    assert math.isclose(hardware_flops_per_token(base, 128, True, head_rows_fraction=0.15), 545_391_360)
+    assert math.isclose(
+        hardware_flops_per_token(base, 128, True, head_rows_fraction=0.15), 545_391_360
+    )
     assert hardware_flops_per_token(base, 128, True, head_rows_fraction=1.0) == 667_948_032
 
 
 def test_attention_grows_with_the_sequence_and_deberta_adds_its_position_terms():
     base = ModelConfig()
-    # Each extra token of context adds 12 x L x C training FLOPs per token (4 per layer forward, x3).
-    assert model_flops_per_token(base, 512, True) - model_flops_per_token(base, 128, True) == 12 * 12 * 768 * 384
-    # deberta-v3-base's shape beside a BERT of the same size and vocabulary: c2p and p2c each score every
-    # query-key pair once more, 2 x C x T per layer forward (model FLOPs); the implementations score every
-    # query against all 2k = 512 table rows, 2 x C x 512 (hardware FLOPs).
-    v3 = ModelConfig(family="deberta-v2", vocab_size=128100, type_vocab_size=0, position_biased_input=False,
-                     position_buckets=256)
+    # Each extra token of context adds 12 x L x C training FLOPs per token (4 per layer forward,
+    # x3).
+    assert (
+        model_flops_per_token(base, 512, True) - model_flops_per_token(base, 128, True)
+        == 12 * 12 * 768 * 384
+    )
+    # deberta-v3-base's shape beside a BERT of the same size and vocabulary: c2p and p2c each score
+    # every query-key pair once more, 2 x C x T per layer forward (model FLOPs); the implementations
+    # score every query against all 2k = 512 table rows, 2 x C x 512 (hardware FLOPs).
+    v3 = ModelConfig(
+        family="deberta-v2",
+        vocab_size=128100,
+        type_vocab_size=0,
+        position_biased_input=False,
+        position_buckets=256,
+    )
     bert = ModelConfig(vocab_size=128100)
-    assert model_flops_per_token(v3, 128, False) - model_flops_per_token(bert, 128, False) == 2 * 12 * 2 * 768 * 128
-    hardware = hardware_flops_per_token(v3, 128, False, 1.0) - hardware_flops_per_token(bert, 128, False, 1.0)
+    assert (
+        model_flops_per_token(v3, 128, False) - model_flops_per_token(bert, 128, False)
+        == 2 * 12 * 2 * 768 * 128
+    )
+    hardware = hardware_flops_per_token(v3, 128, False, 1.0) - hardware_flops_per_token(
+        bert, 128, False, 1.0
+    )
     assert hardware == 2 * 12 * 2 * 768 * 512
     # mlm's relative shift scores each query against T + T/2 - 1 = 191 rows at T = 128.
     ours = hardware_flops_per_token(v3, 128, False, 1.0, position_rows(128))
     assert ours - hardware_flops_per_token(bert, 128, False, 1.0) == 2 * 12 * 2 * 768 * 191
     c2p = ModelConfig(family="deberta-v2", vocab_size=128100, position_terms=("c2p",))
-    assert model_flops_per_token(c2p, 128, False) - model_flops_per_token(bert, 128, False) == 12 * 2 * 768 * 128
+    assert (
+        model_flops_per_token(c2p, 128, False) - model_flops_per_token(bert, 128, False)
+        == 12 * 2 * 768 * 128
+    )
     # Narrower word embeddings (E = 128): a projection up to C, and a head that works at width E.
     wide = ModelConfig(family="deberta-v2", position_terms=("c2p",))
     narrow = ModelConfig(family="deberta-v2", position_terms=("c2p",), embedding_size=128)
@@ -49,11 +71,21 @@ def test_attention_grows_with_the_sequence_and_deberta_adds_its_position_terms()
 
 
 def test_an_h200_nvl_gets_its_own_peak_not_the_sxm_one(monkeypatch):
-    """The first fragment of PEAK_TFLOPS that the device name holds wins: "H200 NVL" before "H200"."""
-    for name, bf16 in [("NVIDIA H200 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H100 80GB HBM3", 989),
-                       ("NVIDIA H100 NVL", 835), ("NVIDIA H100 PCIe", 756), ("NVIDIA A100-SXM4-80GB", 312)]:
+    """The first fragment of PEAK_TFLOPS that the device name holds wins: "H200 NVL" before
+    "H200"."""
+    for name, bf16 in [
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA H200", 989),
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA A100-SXM4-80GB", 312),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_flops(torch.device("cuda"), "bf16") == bf16 * 1e12, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
-    assert peak_flops(torch.device("cuda"), "bf16") is None and peak_flops(torch.device("cpu"), "bf16") is None
+    assert (
+        peak_flops(torch.device("cuda"), "bf16") is None
+        and peak_flops(torch.device("cpu"), "bf16") is None
+    )
     assert list(PEAK_TFLOPS).index("H200 NVL") < list(PEAK_TFLOPS).index("H200")

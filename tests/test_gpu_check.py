@@ -82,7 +82,8 @@ def test_dry_run_names_existing_scripts_and_flags(tmp_path):
     # Every step, in the order of the plan: the headline ones first.
     expected = [
         "env_facts",
-        "python3 -m pytest -q -m cuda -rfEs -p no:cacheprovider --continue-on-collection-errors",
+        "python3 -m pytest -q -m cuda -n 0 -rfEs -p no:cacheprovider "
+        "--continue-on-collection-errors",
         "python3 bench.py --device cuda --only train --seq 128 --dtypes bf16 --compile "
         f"--sizes base --json {out}/bench_bert.json",
         "python3 scripts/kernel_check.py --device cuda --rows 8192 --hidden 768 "
@@ -526,18 +527,8 @@ def kernel_check(tmp_path, *args) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "kernel.json"
     cmd = [
         sys.executable,
-        "scripts/kernel_check.py",
-        "--device",
-        "cpu",
-        "--rows",
-        "8",
-        "--hidden",
-        "8",
-        "--reps",
-        "1",
-        "--warmup",
-        "0",
-        "--json",
+        *"scripts/kernel_check.py --device cpu --rows 8 --hidden 8 --reps 1 --warmup 0 "
+        "--json".split(),
         str(out),
         *args,
     ]

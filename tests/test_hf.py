@@ -1,18 +1,20 @@
-"""Loading and saving Hugging Face folders: what real checkpoints contain, and the round trip back."""
+"""Loading and saving Hugging Face folders: what real checkpoints contain, and the round trip
+back."""
 
 import json
 import shutil
 
 import pytest
 import torch
+import transformers
 from conftest import FAMILIES
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
-import transformers
 from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForPreTraining, pipeline
 
 import mlm
-from mlm.hf import BASE, KEYS, expand, load_model
+from mlm.hf import expand, load_model
+from mlm.hf_tables import BASE, KEYS
 
 
 def copy_folder(src, dst, drop=()):
@@ -57,8 +59,13 @@ def test_save_over_an_existing_folder_replaces_files(hf_checkpoints, tmp_path):
     mlm.save_pretrained(model, tokenizer, tmp_path / "out")
     assert torch.all(load_model(tmp_path / "out").head.decoder.bias == 0.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary file left behind
-        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+    # no temporary file left behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
 
 
@@ -81,10 +88,20 @@ def test_encoder_only_checkpoint_without_prefix_gets_a_new_head(hf_checkpoints, 
 def test_pretraining_checkpoint_with_nsp_head_legacy_names_and_bin_format(tmp_path, caplog):
     """BertForPreTraining saved as pytorch_model.bin with TF-era LayerNorm.gamma/beta names."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=97, hidden_size=30, num_hidden_layers=2, num_attention_heads=3, intermediate_size=31)
+    cfg = BertConfig(
+        vocab_size=97,
+        hidden_size=30,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=31,
+    )
     ref = BertForPreTraining(cfg).eval()
-    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-             for k, v in ref.state_dict().items()}
+    state = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in ref.state_dict().items()
+    }
     state["cls.predictions.decoder.weight"] = ref.bert.embeddings.word_embeddings.weight.clone()
     (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_type": "bert"}))
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -118,7 +135,9 @@ def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path
 
     # A key no table knows is skipped, and the note names it; the weights load as without it.
     rotary = "bert.encoder.layer.0.attention.self.rotary.weight"
-    extra = folder_with(hf_checkpoints["bert"], tmp_path / "extra", {**state, rotary: torch.zeros(3)})
+    extra = folder_with(
+        hf_checkpoints["bert"], tmp_path / "extra", {**state, rotary: torch.zeros(3)}
+    )
     with caplog.at_level("INFO", logger="mlm"):
         model = load_model(extra)
     assert f"ignored 1 unused checkpoint keys ({rotary})" in caplog.text
@@ -128,7 +147,9 @@ def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path
 
     without = {k: v for k, v in state.items() if "layer.1.output.dense.weight" not in k}
     missing = folder_with(hf_checkpoints["bert"], tmp_path / "missing", without)
-    with pytest.raises(mlm.CheckpointError, match=r"missing keys: bert\.encoder\.layer\.1\.output\.dense\.weight$"):
+    with pytest.raises(
+        mlm.CheckpointError, match=r"missing keys: bert\.encoder\.layer\.1\.output\.dense\.weight$"
+    ):
         load_model(missing)
 
     config = json.loads((hf_checkpoints["bert"] / "config.json").read_text())
@@ -136,7 +157,8 @@ def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path
     (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
     with pytest.raises(mlm.CheckpointError) as e:
         load_model(wrong)
-    # fc1's weight and bias and fc2's weight, in each of the 2 layers: the first three named, then the count.
+    # fc1's weight and bias and fc2's weight, in each of the 2 layers: the first three named, then
+    # the count.
     assert str(e.value) == (
         "6 tensors do not have the shapes config.json gives them: "
         "bert.encoder.layer.0.intermediate.dense.weight (37, 45) vs (40, 45); "
@@ -147,22 +169,32 @@ def test_unknown_missing_and_mismatched_keys_are_listed(hf_checkpoints, tmp_path
 
 
 def test_checkpoint_with_extra_heads_loads_like_transformers(hf_checkpoints, tmp_path, caplog):
-    """Domain checkpoints ship task and auxiliary heads beside the MLM head; transformers skips them, so do we."""
+    """Domain checkpoints ship task and auxiliary heads beside the MLM head; transformers skips
+    them, so do we."""
     state = load_file(hf_checkpoints["bert"] / "model.safetensors")
     heads = {
-        "bert.pooler.dense.weight": torch.randn(45, 45), "bert.pooler.dense.bias": torch.randn(45),
-        "cls.seq_relationship.weight": torch.randn(2, 45), "cls.seq_relationship.bias": torch.randn(2),
-        "classifier.weight": torch.randn(3, 45), "classifier.bias": torch.randn(3),
+        "bert.pooler.dense.weight": torch.randn(45, 45),
+        "bert.pooler.dense.bias": torch.randn(45),
+        "cls.seq_relationship.weight": torch.randn(2, 45),
+        "cls.seq_relationship.bias": torch.randn(2),
+        "classifier.weight": torch.randn(3, 45),
+        "classifier.bias": torch.randn(3),
         "cls.aux.dense.weight": torch.randn(7, 45),
-        "some_head.0.weight": torch.randn(5), "some_head.1.weight": torch.randn(5),
+        "some_head.0.weight": torch.randn(5),
+        "some_head.1.weight": torch.randn(5),
     }
     folder = folder_with(hf_checkpoints["bert"], tmp_path / "heads", {**state, **heads})
     with caplog.at_level("INFO", logger="mlm"):
         model = load_model(folder)
     notes = [r.getMessage() for r in caplog.records if r.name == "mlm"]
     assert len(notes) == 1 and notes[0].startswith("ignored 9 unused checkpoint keys")
-    for group in ("bert.pooler.dense.*", "cls.seq_relationship.*", "classifier.*", "cls.aux.dense.weight",
-                  "some_head.*.weight"):
+    for group in (
+        "bert.pooler.dense.*",
+        "cls.seq_relationship.*",
+        "classifier.*",
+        "cls.aux.dense.weight",
+        "some_head.*.weight",
+    ):
         assert group in notes[0]
 
     ref, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
@@ -172,24 +204,43 @@ def test_checkpoint_with_extra_heads_loads_like_transformers(hf_checkpoints, tmp
         assert_close(model(ids), ref.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("config_family, weights_family",
-                         [("bert", "roberta"), ("bert", "distilbert"), ("roberta", "bert"), ("distilbert", "bert")])
-def test_weights_of_another_family_are_refused_in_one_short_line(hf_checkpoints, tmp_path, config_family,
-                                                                 weights_family):
+@pytest.mark.parametrize(
+    "config_family, weights_family",
+    [("bert", "roberta"), ("bert", "distilbert"), ("roberta", "bert"), ("distilbert", "bert")],
+)
+def test_weights_of_another_family_are_refused_in_one_short_line(
+    hf_checkpoints, tmp_path, config_family, weights_family
+):
     state = load_file(hf_checkpoints[weights_family] / "model.safetensors")
     folder = folder_with(hf_checkpoints[config_family], tmp_path / "mixed", state)
-    with pytest.raises(mlm.CheckpointError, match=rf"does not match a {config_family} model: its keys are .*"
-                       rf"{weights_family}\.\*.*model_type.*missing keys: {config_family}\.embeddings\.") as err:
+    with pytest.raises(
+        mlm.CheckpointError,
+        match=rf"does not match a {config_family} model: its keys are .*"
+        rf"{weights_family}\.\*.*model_type.*missing keys: {config_family}\.embeddings\.",
+    ) as err:
         load_model(folder)
     message = str(err.value)
-    # Every missing encoder weight is named, by pattern: layer indices collapse, weight and bias merge.
+    # Every missing encoder weight is named, by pattern: layer indices collapse, weight and bias
+    # merge.
     assert ".layer.*." in message and ".layer.0." not in message and ".layer.1." not in message
     assert "\n" not in message and len(message) < 800
 
 
 TINY = {
-    "bert": dict(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=9),
-    "roberta": dict(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=9),
+    "bert": dict(
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=9,
+    ),
+    "roberta": dict(
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=9,
+    ),
     "distilbert": dict(vocab_size=50, dim=8, n_layers=2, n_heads=2, hidden_dim=9),
 }
 CLASSES = {  # the family's fullest model and its bare encoder, whose keys have no prefix
@@ -199,15 +250,18 @@ CLASSES = {  # the family's fullest model and its bare encoder, whose keys have 
 }
 
 
-# DeBERTa's table spans several configurations (two head namings, optional projections) and a head no
-# transformers class has (mask_predictions.*): tests/test_deberta.py checks it over the union of them.
+# DeBERTa's table spans several configurations (two head namings, optional projections) and a head
+# no transformers class has (mask_predictions.*): tests/test_deberta.py checks it over the union of
+# them.
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deberta-v2"])
 def test_each_table_names_every_key_transformers_writes_and_no_other(family):
     """Parameters and buffers (which older versions saved) alike, the `None` entries included."""
     config = AutoConfig.for_model(family, **TINY[family])
     full, bare = (getattr(transformers, name)(config) for name in CLASSES[family])
     written = set(full.state_dict()) | {n for n, _ in full.named_buffers()}
-    written |= {BASE[family] + n for n in [*bare.state_dict(), *(n for n, _ in bare.named_buffers())]}
+    written |= {
+        BASE[family] + n for n in [*bare.state_dict(), *(n for n, _ in bare.named_buffers())]
+    }
     table = {n for names, _ in expand(KEYS[family], BASE[family], num_layers=2) for n in names}
     assert written == table
 
@@ -219,7 +273,9 @@ def test_bad_folders_raise_specific_errors(hf_checkpoints, tmp_path):
     empty.mkdir()
     with pytest.raises(mlm.CheckpointError, match="no config.json"):
         mlm.load_pretrained(empty)
-    no_weights = copy_folder(hf_checkpoints["bert"], tmp_path / "noweights", drop=("model.safetensors",))
+    no_weights = copy_folder(
+        hf_checkpoints["bert"], tmp_path / "noweights", drop=("model.safetensors",)
+    )
     with pytest.raises(mlm.CheckpointError, match="no weights"):
         mlm.load_pretrained(no_weights)
     gpt = copy_folder(hf_checkpoints["bert"], tmp_path / "gpt")

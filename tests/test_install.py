@@ -1,10 +1,9 @@
 """mlm.kernels.install: the same model with its fast paths put in from outside, for every family.
 
-The installed model must give the plain model's outputs and gradients: both are held against the plain
-model in fp64, and the installed one's error may be at most 4x the plain one's own fp32 error (plus 16 fp32
-steps of the largest value: the two sum in other orders through a whole model), on any CPU. Dropout is off, since the CPU dropout draws other (equally
-likely) masks.
-"""
+The installed model must give the plain model's outputs and gradients: both are held against the
+plain model in fp64, and the installed one's error may be at most 4x the plain one's own fp32 error
+(plus 16 fp32 steps of the largest value: the two sum in other orders through a whole model), on any
+CPU. Dropout is off, since the CPU dropout draws other (equally likely) masks."""
 
 import pytest
 import torch
@@ -48,24 +47,42 @@ def test_installed_and_plain_models_agree_against_fp64(hf_checkpoints, family):
     exact = load_model(hf_checkpoints[family], kernels=False, dtype=torch.float64)
     for model in (plain, fast, exact):
         model.set_dropout(0.0)
-    expected = {"cpu_dropout", "cpu_attention", "cpu_embedding", "vocab_logits", "linear_cross_entropy_ref"}
+    expected = {
+        "cpu_dropout",
+        "cpu_attention",
+        "cpu_embedding",
+        "vocab_logits",
+        "linear_cross_entropy_ref",
+    }
     expected |= {"cpu_linear"} if gemm == "onednn" else set()
     expected |= {"disentangled_bias"} if family == "deberta-v2" else set()
     assert set(installed) == expected
-    assert type(fast.head.decoder).__name__ == "FastDecoder" and type(plain.head.decoder).__name__ == "Decoder"
-    assert sorted(fast.state_dict()) == sorted(plain.state_dict())  # the same names: loading and saving hold
+    assert (
+        type(fast.head.decoder).__name__ == "FastDecoder"
+        and type(plain.head.decoder).__name__ == "Decoder"
+    )
+    # the same names: loading and saving hold
+    assert sorted(fast.state_dict()) == sorted(plain.state_dict())
 
     ids, attention, labels = batch(plain.config)
     real = attention.bool()
     names = ["logits", "loss"] + [n for n, _ in sorted(plain.named_parameters())]
-    for name, ours, theirs, want in zip(names, outputs(fast, ids, attention, labels),
-                                        outputs(plain, ids, attention, labels), outputs(exact, ids, attention, labels)):
+    for name, ours, theirs, want in zip(
+        names,
+        outputs(fast, ids, attention, labels),
+        outputs(plain, ids, attention, labels),
+        outputs(exact, ids, attention, labels),
+    ):
         if name == "logits":
             ours, theirs, want = ours[real], theirs[real], want[real]
         want = want.double()
         ours_err = (ours.double() - want).abs().max().item()
         plain_err = (theirs.double() - want).abs().max().item()
-        assert ours_err <= 4 * plain_err + 16 * 2**-24 * want.abs().max().item(), (name, ours_err, plain_err)
+        assert ours_err <= 4 * plain_err + 16 * 2**-24 * want.abs().max().item(), (
+            name,
+            ours_err,
+            plain_err,
+        )
 
 
 def test_install_is_from_outside_and_leaves_the_plain_model_plain(hf_checkpoints):
@@ -73,7 +90,10 @@ def test_install_is_from_outside_and_leaves_the_plain_model_plain(hf_checkpoints
     model = load_model(hf_checkpoints["bert"], kernels=False)
     assert {type(m).__module__.split(".")[0] for m in model.modules()} <= {"torch", "mlm"}
     assert not any(type(m).__module__.startswith("mlm.kernels") for m in model.modules())
-    assert all(a.sdpa is torch.nn.functional.scaled_dot_product_attention for a in model.modules()
-               if isinstance(a, bert.Attention))
+    assert all(
+        a.sdpa is torch.nn.functional.scaled_dot_product_attention
+        for a in model.modules()
+        if isinstance(a, bert.Attention)
+    )
     installed = load_model(hf_checkpoints["bert"])  # kernels=True by default
     assert any(type(m).__module__.startswith("mlm.kernels") for m in installed.modules())

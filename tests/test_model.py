@@ -33,7 +33,9 @@ def test_logits_match_transformers(hf_checkpoints, family):
     ids, attention = padded_batch(ours.config)
     extra = {}
     if family == "bert":  # segment B on the second half: token types must be used
-        extra["token_type_ids"] = (torch.arange(ids.shape[1]) >= ids.shape[1] // 2).long().expand_as(ids)
+        extra["token_type_ids"] = (
+            (torch.arange(ids.shape[1]) >= ids.shape[1] // 2).long().expand_as(ids)
+        )
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=attention, **extra).logits
         got = ours(ids, attention_mask=attention, **extra)
@@ -45,8 +47,12 @@ def test_logits_match_transformers(hf_checkpoints, family):
 
 @pytest.mark.parametrize(
     "family, overrides",
-    [("bert", {"hidden_act": "gelu_new"}), ("bert", {"hidden_act": "relu", "layer_norm_eps": 1e-5}),
-     ("roberta", {"hidden_act": "gelu_new"}), ("distilbert", {"activation": "relu"})],
+    [
+        ("bert", {"hidden_act": "gelu_new"}),
+        ("bert", {"hidden_act": "relu", "layer_norm_eps": 1e-5}),
+        ("roberta", {"hidden_act": "gelu_new"}),
+        ("distilbert", {"activation": "relu"}),
+    ],
 )
 def test_activation_and_eps_from_config(tmp_path, family, overrides):
     folder = make_hf_checkpoint(family, tmp_path / family, seed=3, **overrides)
@@ -66,7 +72,9 @@ def test_padding_never_changes_real_positions(hf_checkpoints, family):
         batched = model(ids, attention_mask=attention)
         garbage = ids.clone()
         garbage[attention == 0] = 7  # whatever sits in padded slots is invisible
-        assert_close(model(garbage, attention_mask=attention)[attention.bool()], batched[attention.bool()])
+        assert_close(
+            model(garbage, attention_mask=attention)[attention.bool()], batched[attention.bool()]
+        )
         for row in range(ids.shape[0]):
             n = int(attention[row].sum())
             alone = model(ids[row : row + 1, :n])
@@ -78,7 +86,9 @@ def test_loss_on_masked_rows_matches_transformers(hf_checkpoints, family):
     ref, ours = hf_model(hf_checkpoints[family]), load_model(hf_checkpoints[family])
     ids, attention = padded_batch(ours.config, seed=4)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    picks = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3) & attention.bool()
+    picks = (
+        torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    ) & attention.bool()
     labels[picks] = ids[picks]
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=attention, labels=labels).loss
@@ -112,10 +122,16 @@ def test_encode_matches_transformers_base_model(hf_checkpoints):
 
 
 def test_real_weights_all_minilm_l6_v2(minilm_dir):
-    """Real BERT weights (no `bert.` prefix, no MLM head): hidden states equal `transformers.BertModel`."""
+    """Real BERT weights (no `bert.` prefix, no MLM head): hidden states equal
+    `transformers.BertModel`."""
     ref = BertModel.from_pretrained(minilm_dir).eval()
     model, tokenizer = mlm.load_pretrained(minilm_dir)
-    batch = tokenizer(["The capital of France is Paris.", "Masked language models predict hidden words from context."])
+    batch = tokenizer(
+        [
+            "The capital of France is Paris.",
+            "Masked language models predict hidden words from context.",
+        ]
+    )
     with torch.no_grad():
         expected = ref(**batch).last_hidden_state
         got = model.encode(batch["input_ids"], batch["attention_mask"])
@@ -125,11 +141,14 @@ def test_real_weights_all_minilm_l6_v2(minilm_dir):
 
 @pytest.mark.parametrize("max_predictions", [None, 9])
 def test_labelled_rows_are_what_forward_scores(hf_checkpoints, max_predictions):
-    """encode -> labelled_rows -> logits -> cross-entropy is forward's loss: evaluation reuses this path."""
+    """encode -> labelled_rows -> logits -> cross-entropy is forward's loss: evaluation reuses this
+    path."""
     model = load_model(hf_checkpoints["bert"])
     ids, attention = padded_batch(model.config, seed=4)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    picks = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3) & attention.bool()
+    picks = (
+        torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    ) & attention.bool()
     labels[picks] = ids[picks]
     with torch.no_grad():
         rows, targets = model.labelled_rows(model.encode(ids, attention), labels, max_predictions)
@@ -154,11 +173,21 @@ def test_dropout_only_in_training_mode(hf_checkpoints):
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense-mask", "varlen"])
 def test_document_mask_equals_running_each_document_alone(varlen):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
-                      max_position_embeddings=32, type_vocab_size=0, family="distilbert", varlen=varlen)
+    cfg = ModelConfig(
+        vocab_size=50,
+        hidden_size=24,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=32,
+        type_vocab_size=0,
+        family="distilbert",
+        varlen=varlen,
+    )
     model = MaskedLM(cfg).eval()
-    # Positions keep counting across a packed block (the second document starts at 5), while a document
-    # run alone starts at 0: with every position row the same, the two runs see the same embeddings.
+    # Positions keep counting across a packed block (the second document starts at 5), while a
+    # document run alone starts at 0: with every position row the same, the two runs see the same
+    # embeddings.
     with torch.no_grad():
         position = model.encoder.embeddings.position.weight
         position.copy_(position[0].clone())
@@ -169,7 +198,8 @@ def test_document_mask_equals_running_each_document_alone(varlen):
         for doc in (0, 1):
             at = doc_ids[0] == doc
             assert_close(packed[at], model.encode(ids[:, at])[0], atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(packed[:12], model.encode(ids[:, :12])[0], atol=1e-4)  # without the mask
+        # without the mask
+        assert not torch.allclose(packed[:12], model.encode(ids[:, :12])[0], atol=1e-4)
 
 
 def test_config_validation():
@@ -185,20 +215,36 @@ def varlen_inputs():
     attention = torch.ones_like(ids)
     attention[1, 11:] = 0
     attention[2, 4:] = 0
-    doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 2, [0] * 3 + [1] * 8 + [-1] * 5, [0] * 4 + [-1] * 12])
+    doc_ids = torch.tensor(
+        [[0] * 5 + [1] * 9 + [2] * 2, [0] * 3 + [1] * 8 + [-1] * 5, [0] * 4 + [-1] * 12]
+    )
     return ids, attention, doc_ids
 
 
 def test_varlen_reads_the_lengths_to_the_host_once_per_batch(monkeypatch):
-    """Every layer's nested tensors get the batch's shortest and longest sequence, read once (on a GPU the
-    nested tensor would otherwise compute them in each layer, a device sync each time)."""
+    """Every layer's nested tensors get the batch's shortest and longest sequence, read once (on a
+    GPU the nested tensor would otherwise compute them in each layer, a device sync each time)."""
     ids, attention, doc_ids = varlen_inputs()  # sequences of 5, 9, 2, 3, 8 and 4 tokens
-    model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=3, num_heads=4, intermediate_size=40,
-                                 max_position_embeddings=32, varlen=True)).eval()
+    model = MaskedLM(
+        ModelConfig(
+            vocab_size=50,
+            hidden_size=24,
+            num_layers=3,
+            num_heads=4,
+            intermediate_size=40,
+            max_position_embeddings=32,
+            varlen=True,
+        )
+    ).eval()
     made, reads = [], []
     build = torch.nested.nested_tensor_from_jagged
-    monkeypatch.setattr(torch.nested, "nested_tensor_from_jagged",
-                        lambda *a, **kw: made.append((kw.get("min_seqlen"), kw.get("max_seqlen"))) or build(*a, **kw))
+    monkeypatch.setattr(
+        torch.nested,
+        "nested_tensor_from_jagged",
+        lambda *a, **kw: (
+            made.append((kw.get("min_seqlen"), kw.get("max_seqlen"))) or build(*a, **kw)
+        ),
+    )
     pack = bert.pack
     monkeypatch.setattr(bert, "pack", lambda *a: reads.append(1) or pack(*a))
     model.encode(ids, attention, doc_ids=doc_ids)
@@ -208,17 +254,30 @@ def test_varlen_reads_the_lengths_to_the_host_once_per_batch(monkeypatch):
 
 @pytest.mark.parametrize("with_docs", [False, True])
 def test_varlen_attention_equals_the_dense_mask_reference(with_docs):
-    """Unpadded, per-document attention through nested tensors: same outputs and gradients as dense masks."""
+    """Unpadded, per-document attention through nested tensors: same outputs and gradients as dense
+    masks."""
     ids, attention, doc_ids = varlen_inputs()
     doc_ids = doc_ids if with_docs else None
-    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, IGNORE_INDEX)
+    labels = torch.where(
+        torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, IGNORE_INDEX
+    )
     labels[attention == 0] = IGNORE_INDEX
     results = []
     for varlen in (False, True):
         torch.manual_seed(0)
-        model = MaskedLM(ModelConfig(vocab_size=50, hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40,
-                                     max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0,
-                                     varlen=varlen))
+        model = MaskedLM(
+            ModelConfig(
+                vocab_size=50,
+                hidden_size=24,
+                num_layers=2,
+                num_heads=4,
+                intermediate_size=40,
+                max_position_embeddings=32,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                varlen=varlen,
+            )
+        )
         hidden = model.encode(ids, attention, doc_ids=doc_ids)
         loss = model(ids, attention, labels=labels, doc_ids=doc_ids)
         loss.backward()

@@ -1,7 +1,8 @@
-"""train.py under the failures of real clusters: preemption signals, out-of-memory, full disks, dead ranks,
-damaged data. Each failure is injected into a real run (a signal, or a patch applied by a small harness
-script before train.py starts) and the run must end as the README promises: one line, the right exit code,
-a valid checkpoint, and a resume that ends bit for bit where an uninterrupted run does."""
+"""train.py under the failures of real clusters: preemption signals, out-of-memory, full disks, dead
+ranks, damaged data. Each failure is injected into a real run (a signal, or a patch applied by a
+small harness script before train.py starts) and the run must end as the README promises: one line,
+the right exit code, a valid checkpoint, and a resume that ends bit for bit where an uninterrupted
+run does."""
 
 import errno
 import os
@@ -13,16 +14,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ROOT, TINY, assert_same_weights, final_weights, free_port, metrics, run_trains
+from conftest import RUN_ENV
+from test_train import (
+    ROOT,
+    TINY,
+    assert_same_weights,
+    final_weights,
+    free_port,
+    metrics,
+    run_train,
+    torchrun,
+)
 
-COMMON = [*TINY, "--max-steps", "24", "--global-batch-size", "8", "--save-every", "10", "--eval-every", "12"]
+COMMON = [*TINY, *"--max-steps 24 --global-batch-size 8 --save-every 10 --eval-every 12".split()]
 
 # Applied before train.py runs, in the training process itself: MLM_INJECT names what goes wrong.
-HARNESS = r'''
+HARNESS = r"""
 import builtins, errno, os, runpy, sys
 import torch
 inject, rank = os.environ["MLM_INJECT"], int(os.environ.get("RANK", 0))
-if inject.startswith("oom-above:"):  # out of memory whenever a micro-batch has more rows than this (on one rank)
+# out of memory whenever a micro-batch has more rows than this (on one rank)
+if inject.startswith("oom-above:"):
     limit, only_rank = (int(x) for x in inject.split(":")[1:])
     import mlm.model
     forward = mlm.model.MaskedLM.forward
@@ -31,7 +43,8 @@ if inject.startswith("oom-above:"):  # out of memory whenever a micro-batch has 
             raise torch.OutOfMemoryError(f"injected: {input_ids.shape[0]} rows > {limit}")
         return forward(self, input_ids, *args, **kwargs)
     mlm.model.MaskedLM.forward = tight
-elif inject.startswith("fsync:"):  # a full disk (or no permission) when the bytes of a matching file reach it
+# a full disk (or no permission) when the bytes of a matching file reach it
+elif inject.startswith("fsync:"):
     _, code, pattern = inject.split(":", 2)
     fsync = os.fsync
     def failing(fd):
@@ -51,35 +64,54 @@ elif inject.startswith("append:"):  # metrics.jsonl cannot grow past its first l
     builtins.open = tight_open
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
-'''
+"""
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    return {**RUN_ENV, **extra}
 
 
 def command(*args, nproc: int = 1, harness: Path | None = None) -> list[str]:
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-                     "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        launcher += [
+            *"-m torch.distributed.run --nnodes=1".split(),
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
     script = [str(harness), str(ROOT / "train.py")] if harness else [str(ROOT / "train.py")]
     return launcher + script + [str(a) for a in args]
 
 
-def run(*args, nproc: int = 1, inject: str | None = None, tmp: Path | None = None, timeout: int = 300):
+def run(
+    *args, nproc: int = 1, inject: str | None = None, tmp: Path | None = None, timeout: int = 300
+):
     harness = None
     if inject:
         harness = tmp / "harness.py"
         harness.write_text(HARNESS)
     extra = {"MLM_INJECT": inject} if inject else {}
-    return subprocess.run(command(*args, nproc=nproc, harness=harness), capture_output=True, text=True, cwd=ROOT,
-                          env=env(**extra), timeout=timeout)
+    return subprocess.run(
+        command(*args, nproc=nproc, harness=harness),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env(**extra),
+        timeout=timeout,
+    )
 
 
 def start(*args, nproc: int = 1, **popen) -> subprocess.Popen:
-    return subprocess.Popen(command(*args, nproc=nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        command(*args, nproc=nproc),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -98,7 +130,9 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 def stop_line(stderr: str) -> tuple[str, int]:
     """The line that says where the run stopped, and that step."""
-    line = next(line[line.index("stopped by"):] for line in stderr.splitlines() if "stopped by" in line)
+    line = next(
+        line[line.index("stopped by") :] for line in stderr.splitlines() if "stopped by" in line
+    )
     return line, int(line.split("after step ")[1].split(";")[0])
 
 
@@ -109,7 +143,8 @@ def error_line(stderr: str) -> str:
 
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
-    """The uninterrupted run every interrupted one must end equal to (dropout on: resume replays its draws)."""
+    """The uninterrupted run every interrupted one must end equal to (dropout on: resume replays its
+    draws)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     done = run("--data", dataset, *COMMON, "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,10 +159,12 @@ def resume_equals(reference: Path, out: Path, *args) -> None:
     assert steps == list(range(1, 25)), steps  # every step once, none twice
 
 
-# ------------------------------------------------------------------------------------------- preemption
+# --------------------------------------------------------------------------------------- preemption
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_checkpoints_the_step_and_resume_is_bit_identical(dataset, reference, tmp_path, signum, code):
+def test_a_signal_checkpoints_the_step_and_resume_is_bit_identical(
+    dataset, reference, tmp_path, signum, code
+):
     out = tmp_path / "run"
     proc = start("--data", dataset, *COMMON, "--out", out)
     wait_for_step(out, 3, proc)
@@ -137,13 +174,17 @@ def test_a_signal_checkpoints_the_step_and_resume_is_bit_identical(dataset, refe
     assert proc.returncode == code, stderr[-3000:]
     assert time.time() - sent < 30 and "Traceback" not in stderr
     line, step = stop_line(stderr)
-    assert f"stopped by {signal.Signals(signum).name} after step {step}" in line and "--resume" in line
+    assert (
+        f"stopped by {signal.Signals(signum).name} after step {step}" in line and "--resume" in line
+    )
     assert (out / "checkpoints" / f"step_{step:08d}.pt").is_file() and step < 24
     resume_equals(reference, out, "--data", dataset, *COMMON)
 
 
 @pytest.mark.slow
-def test_a_second_signal_during_the_save_leaves_the_last_checkpoint_valid(dataset, reference, tmp_path):
+def test_a_second_signal_during_the_save_leaves_the_last_checkpoint_valid(
+    dataset, reference, tmp_path
+):
     out = tmp_path / "run"
     proc = start("--data", dataset, *COMMON, "--out", out)
     wait_for_step(out, 11, proc)  # step 10's checkpoint exists by now
@@ -152,7 +193,11 @@ def test_a_second_signal_during_the_save_leaves_the_last_checkpoint_valid(datase
     proc.send_signal(signal.SIGTERM)  # the default handler is back: the process ends wherever it is
     proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert not [p for p in (out / "checkpoints").iterdir() if not p.name.endswith(".pt") and ".tmp-" not in p.name]
+    assert not [
+        p
+        for p in (out / "checkpoints").iterdir()
+        if not p.name.endswith(".pt") and ".tmp-" not in p.name
+    ]
     resume_equals(reference, out, "--data", dataset, *COMMON)
 
 
@@ -173,6 +218,7 @@ def rank_pid(out: Path, rank: int, timeout: float = 120) -> int:
     raise AssertionError(f"no rank {rank} process found")
 
 
+@torchrun
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_the_signal(dataset, tmp_path):
@@ -194,14 +240,26 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_the_signal(dataset, 
     assert_same_weights(final_weights(out), final_weights(tmp_path / "single"), atol=1e-6)
 
 
+@torchrun
 # --------------------------------------------------------------------------------- out of memory
 @pytest.mark.slow
 def test_auto_micro_batch_halves_on_out_of_memory_and_keeps_the_global_batch(dataset, tmp_path):
-    common = ["--data", dataset, *TINY, "--max-steps", "6", "--global-batch-size", "8", "--dropout", "0"]
-    auto = run(*common, "--micro-batch-size", "auto", "--out", tmp_path / "auto", inject="oom-above:4:0", tmp=tmp_path)
+    common = ["--data", dataset, *TINY, *"--max-steps 6 --global-batch-size 8 --dropout 0".split()]
+    auto = run(
+        *common,
+        "--micro-batch-size",
+        "auto",
+        "--out",
+        tmp_path / "auto",
+        inject="oom-above:4:0",
+        tmp=tmp_path,
+    )
     assert auto.returncode == 0, auto.stderr[-3000:]
     assert "out of memory with micro-batches of 8: trying 4" in auto.stderr
-    assert "micro-batch size 4 (2 per step on each rank), chosen by --micro-batch-size auto" in auto.stderr
+    assert (
+        "micro-batch size 4 (2 per step on each rank), chosen by --micro-batch-size auto"
+        in auto.stderr
+    )
     assert {"step": 0, "micro_batch_size": 4} in metrics(tmp_path / "auto")
     state = torch.load(sorted((tmp_path / "auto" / "checkpoints").iterdir())[-1], weights_only=True)
     assert state["micro_batch"] == 4
@@ -209,45 +267,94 @@ def test_auto_micro_batch_halves_on_out_of_memory_and_keeps_the_global_batch(dat
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert_same_weights(final_weights(tmp_path / "auto"), final_weights(tmp_path / "fixed"), atol=0)
 
-    # Two ranks, only rank 0 short of memory: both settle on its size, and train the same global batch.
-    ddp = run(*common, "--micro-batch-size", "auto", "--out", tmp_path / "ddp", nproc=2, inject="oom-above:2:0",
-              tmp=tmp_path)
+    # Two ranks, only rank 0 short of memory: both settle on its size, and train the same global
+    # batch.
+    ddp = run(
+        *common,
+        "--micro-batch-size",
+        "auto",
+        "--out",
+        tmp_path / "ddp",
+        nproc=2,
+        inject="oom-above:2:0",
+        tmp=tmp_path,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert {"step": 0, "micro_batch_size": 2} in metrics(tmp_path / "ddp")
-    assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fixed"), atol=1e-6)
+    assert_same_weights(
+        final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fixed"), atol=1e-6
+    )
 
 
 def test_out_of_memory_without_auto_says_what_to_do(dataset, tmp_path):
-    result = run("--data", dataset, *TINY, "--max-steps", "2", "--global-batch-size", "8", "--out", tmp_path / "r",
-                 inject="oom-above:4:0", tmp=tmp_path)
+    result = run(
+        "--data",
+        dataset,
+        *TINY,
+        "--max-steps",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--out",
+        tmp_path / "r",
+        inject="oom-above:4:0",
+        tmp=tmp_path,
+    )
     assert result.returncode == 1
-    assert error_line(result.stderr) == ("error: out of memory at step 0 with micro-batches of 8; resume with "
-                                         "--micro-batch-size 4 (or auto, which finds one before training)")
+    assert error_line(result.stderr) == (
+        "error: out of memory at step 0 with micro-batches of 8; resume with "
+        "--micro-batch-size 4 (or auto, which finds one before training)"
+    )
 
 
 # ---------------------------------------------------------------------------------- full disks
 @pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(dataset, reference, tmp_path):
     out = tmp_path / "run"
-    full = run("--data", dataset, *COMMON, "--out", out, inject="fsync:ENOSPC:step_00000020.pt", tmp=tmp_path)
+    full = run(
+        "--data",
+        dataset,
+        *COMMON,
+        "--out",
+        out,
+        inject="fsync:ENOSPC:step_00000020.pt",
+        tmp=tmp_path,
+    )
     assert full.returncode == 1, full.stderr[-3000:]
-    assert error_line(full.stderr) == (f"error: cannot write {out}/checkpoints/step_00000020.pt: No space left on "
-                                       "device; free some space or make the folder writable (or choose another "
-                                       "--out), then run again")
+    assert error_line(full.stderr) == (
+        f"error: cannot write {out}/checkpoints/step_00000020.pt: No space left on "
+        "device; free some space or make the folder writable (or choose another "
+        "--out), then run again"
+    )
     kept = sorted((out / "checkpoints").iterdir())
-    assert [p.name for p in kept] == ["step_00000010.pt"]  # whole, and no temporary file left beside it
+    # whole, and no temporary file left beside it
+    assert [p.name for p in kept] == ["step_00000010.pt"]
     assert torch.load(kept[0], weights_only=True)["step"] == 10
     resume_equals(reference, out, "--data", dataset, *COMMON)
 
 
-@pytest.mark.parametrize("inject, path", [
-    ("fsync:EACCES:final/model.safetensors", "final/model.safetensors"),  # the export
-    ("append:metrics.jsonl:3", "metrics.jsonl"),  # the metrics, after three lines
-])
+@pytest.mark.parametrize(
+    "inject, path",
+    [
+        ("fsync:EACCES:final/model.safetensors", "final/model.safetensors"),  # the export
+        ("append:metrics.jsonl:3", "metrics.jsonl"),  # the metrics, after three lines
+    ],
+)
 def test_unwritable_outputs_are_one_line_and_exit_1(dataset, tmp_path, inject, path):
     out = tmp_path / "run"
-    result = run("--data", dataset, *TINY, "--max-steps", "4", "--global-batch-size", "4", "--out", out,
-                 inject=inject, tmp=tmp_path)
+    result = run(
+        "--data",
+        dataset,
+        *TINY,
+        "--max-steps",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--out",
+        out,
+        inject=inject,
+        tmp=tmp_path,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     line = error_line(result.stderr)
     assert line.startswith(f"error: cannot write {out}/{path}: ") and "then run again" in line
@@ -256,23 +363,45 @@ def test_unwritable_outputs_are_one_line_and_exit_1(dataset, tmp_path, inject, p
 
 # ----------------------------------------------------------------------------------- dead ranks
 def launch_two_ranks(args: list, tmp_path: Path) -> list[subprocess.Popen]:
-    """Two ranks started by hand (no torchrun agent to clean up after them), as two nodes would be."""
+    """Two ranks started by hand (no torchrun agent to clean up after them), as two nodes would
+    be."""
     port = free_port()
     procs = []
     for rank in (0, 1):
-        rank_env = env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
-                                      env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        rank_env = env(
+            RANK=str(rank),
+            LOCAL_RANK="0",
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+                cwd=ROOT,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
+@torchrun
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_the_other_rank_stops_with_one_line_when_a_rank_dies_or_hangs(dataset, tmp_path, how):
     out = tmp_path / how
-    args = ["--data", dataset, *TINY, "--max-steps", "100000", "--global-batch-size", "8", "--out", out,
-            "--dist-timeout", "0.1"]  # 6 seconds
+    args = [
+        "--data",
+        dataset,
+        *TINY,
+        *"--max-steps 100000 --global-batch-size 8 --out".split(),
+        out,
+        *"--dist-timeout 0.1".split(),
+    ]  # 6 seconds
     rank0, rank1 = launch_two_ranks(args, tmp_path)
     try:
         wait_for_step(out, 2, rank0)
@@ -282,7 +411,9 @@ def test_the_other_rank_stops_with_one_line_when_a_rank_dies_or_hangs(dataset, t
         assert time.time() - started < 60
         assert rank0.returncode == 1, stderr[-3000:]
         assert error_line(stderr).startswith("error (rank 0): lost contact with another rank (")
-        assert error_line(stderr).endswith("it died, hung or was stopped; see its log, then resume with --resume")
+        assert error_line(stderr).endswith(
+            "it died, hung or was stopped; see its log, then resume with --resume"
+        )
     finally:
         for proc in (rank0, rank1):
             proc.kill()
@@ -290,10 +421,13 @@ def test_the_other_rank_stops_with_one_line_when_a_rank_dies_or_hangs(dataset, t
 
 
 # ---------------------------------------------------------------------------------- damaged data
-@pytest.mark.parametrize("damage, message", [
-    ("swap docs", "train.docs does not match train.tokens: the dataset is damaged"),
-    ("ids beyond the vocabulary", "beyond its vocabulary of 600: the dataset is damaged"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("swap docs", "train.docs does not match train.tokens: the dataset is damaged"),
+        ("ids beyond the vocabulary", "beyond its vocabulary of 600: the dataset is damaged"),
+    ],
+)
 def test_a_damaged_dataset_is_refused_before_training(dataset, tmp_path, damage, message):
     import shutil
 
@@ -314,7 +448,8 @@ def test_a_damaged_dataset_is_refused_before_training(dataset, tmp_path, damage,
 
 
 def test_storage_errors_name_the_cause(tmp_path):
-    """The conversion itself: an OSError of a full or read-only disk becomes the one-line StorageError."""
+    """The conversion itself: an OSError of a full or read-only disk becomes the one-line
+    StorageError."""
     from mlm.errors import StorageError
     from mlm.io import atomic_write
 
@@ -334,22 +469,30 @@ def test_storage_errors_name_the_cause(tmp_path):
 
 
 def test_exit_without_teardown_flushes_what_was_printed_and_keeps_the_code():
-    """How a distributed run ends (see mlm.errors.exit_without_teardown): os._exit, yet no output is lost.
-    Piped, stdout is block-buffered: without the flushes the partial line and the record still held by a
-    buffered log handler would be lost. The code comes through, and atexit hooks do not run (no teardown)."""
+    """How a distributed run ends (see mlm.errors.exit_without_teardown): os._exit, yet no output is
+    lost. Piped, stdout is block-buffered: without the flushes the partial line and the record still
+    held by a buffered log handler would be lost. The code comes through, and atexit hooks do not
+    run (no teardown)."""
     script = (
         "import atexit, logging, logging.handlers, sys\n"
         "from mlm.errors import exit_without_teardown\n"
         "atexit.register(lambda: print('teardown ran'))\n"
         "log = logging.getLogger('probe'); log.propagate = False\n"
-        "log.addHandler(logging.handlers.MemoryHandler(100, target=logging.StreamHandler(sys.stderr)))\n"
+        "log.addHandler(logging.handlers.MemoryHandler(100, "
+        "target=logging.StreamHandler(sys.stderr)))\n"
         "print('a line without its newline', end='')\n"
         "log.warning('a record still in the buffer')\n"
         "exit_without_teardown(3)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # set on some machines
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 3
     assert run.stdout == "a line without its newline"
     assert run.stderr == "a record still in the buffer\n"
@@ -358,14 +501,25 @@ def test_exit_without_teardown_flushes_what_was_printed_and_keeps_the_code():
 # ------------------------------------------------------------------------------- the same command
 @pytest.mark.slow
 def test_two_fresh_runs_that_train_their_tokenizer_end_with_the_same_bits(tmp_path):
-    """No --tokenizer: each run trains its WordPiece vocabulary on the corpus, in its own process, both at once."""
+    """No --tokenizer: each run trains its WordPiece vocabulary on the corpus, in a process of its
+    own."""
     from conftest import stdlib_docstrings
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(stdlib_docstrings()))
-    args = ["--data", corpus, *TINY, "--vocab-size", "700", "--max-steps", "5", "--global-batch-size", "4"]
-    for done in run_trains(([*args, "--out", tmp_path / "a"], 1), ([*args, "--out", tmp_path / "b"], 1)):
+    args = [
+        "--data",
+        corpus,
+        *TINY,
+        *"--vocab-size 700 --max-steps 5 --global-batch-size 4".split(),
+    ]
+    for done in (
+        run_train(*args, "--out", tmp_path / "a"),
+        run_train(*args, "--out", tmp_path / "b"),
+    ):
         assert done.returncode == 0, done.stderr[-3000:]
     a, b = (tmp_path / name for name in ("a", "b"))
-    assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
+    assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (
+        b / "tokenizer" / "tokenizer.json"
+    ).read_bytes()
     assert_same_weights(final_weights(a), final_weights(b), atol=0)

@@ -17,7 +17,11 @@ def parse(hint, *values):
 def test_each_annotation_gives_its_flag_type():
     assert parse(int, "3") == 3 and parse(float, "3") == 3.0 and parse(str, "3") == "3"
     assert parse(int | None, "7") == 7  # X | None is an X
-    assert parse(int | str, "16") == 16 and parse(int | str, "auto") == "auto" and parse(int | str, "-1") == -1
+    assert (
+        parse(int | str, "16") == 16
+        and parse(int | str, "auto") == "auto"
+        and parse(int | str, "-1") == -1
+    )
     assert parse(list[str], "a", "b") == ["a", "b"]
     assert parse(tuple[float, float], "0.9", "0.98") == [0.9, 0.98]
     with pytest.raises(SystemExit):
@@ -29,8 +33,11 @@ def test_each_annotation_gives_its_flag_type():
 
 def test_toml_layer_splits_the_model_table_and_refuses_unknown_keys(tmp_path):
     good = tmp_path / "run.toml"
-    good.write_text('lr = 0.001\nmax_steps = 5\n[model]\nhidden_size = 64\n')
-    assert read_toml(str(good), {"lr", "max_steps"}, "X") == ({"lr": 0.001, "max_steps": 5}, {"hidden_size": 64})
+    good.write_text("lr = 0.001\nmax_steps = 5\n[model]\nhidden_size = 64\n")
+    assert read_toml(str(good), {"lr", "max_steps"}, "X") == (
+        {"lr": 0.001, "max_steps": 5},
+        {"hidden_size": 64},
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("lr = 0.001\nmax_stepz = 5\n")
     with pytest.raises(ConfigError, match="unknown setting 'max_stepz' in .*bad.toml; see X"):

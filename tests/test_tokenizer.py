@@ -1,4 +1,5 @@
-"""Our tokenizer against `transformers.AutoTokenizer` on the same folder: the same ids, tokens and text."""
+"""Our tokenizer against `transformers.AutoTokenizer` on the same folder: the same ids, tokens and
+text."""
 
 import json
 import shutil
@@ -23,7 +24,9 @@ def assert_same(ours: Tokenizer, ref) -> None:
         ids = ours.encode(text)
         assert ids == ref(text)["input_ids"], text
         assert ours.decode(ids) == ref.decode(ids)
-        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(
+            ids, skip_special_tokens=True
+        )
     assert ours.mask_token_id == ref.mask_token_id and ours.pad_token_id == ref.pad_token_id
     assert ours.cls_token_id == ref.cls_token_id and ours.sep_token_id == ref.sep_token_id
     assert ours.vocab_size == len(ref)
@@ -31,7 +34,10 @@ def assert_same(ours: Tokenizer, ref) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer_json_folders(hf_checkpoints, family):
-    assert_same(Tokenizer.from_pretrained(hf_checkpoints[family]), AutoTokenizer.from_pretrained(hf_checkpoints[family]))
+    assert_same(
+        Tokenizer.from_pretrained(hf_checkpoints[family]),
+        AutoTokenizer.from_pretrained(hf_checkpoints[family]),
+    )
 
 
 def test_real_tokenizer_with_padding_switched_on_in_its_file(minilm_dir):
@@ -42,9 +48,12 @@ def test_real_tokenizer_with_padding_switched_on_in_its_file(minilm_dir):
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_vocab_txt_only(hf_checkpoints, tmp_path, lowercase):
     vocab = AutoTokenizer.from_pretrained(hf_checkpoints["bert"]).get_vocab()
-    (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+    (tmp_path / "vocab.txt").write_text(
+        "".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
+    )
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"do_lower_case": lowercase, "tokenizer_class": "BertTokenizer"}))
+        json.dumps({"do_lower_case": lowercase, "tokenizer_class": "BertTokenizer"})
+    )
     ours = Tokenizer.from_pretrained(tmp_path)
     assert ours.kind == "wordpiece"
     assert_same(ours, AutoTokenizer.from_pretrained(tmp_path))
@@ -56,7 +65,9 @@ def test_vocab_json_and_merges(hf_checkpoints, tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "RobertaTokenizer"})
+    )
     ours = Tokenizer.from_pretrained(tmp_path)
     assert ours.kind == "bpe" and ours.mask_token == "<mask>"
     assert_same(ours, AutoTokenizer.from_pretrained(tmp_path))

@@ -1,7 +1,7 @@
-"""train.py end to end: layouts that must agree, exact resume after SIGKILL, real weights, bad input."""
+"""train.py end to end: layouts that must agree, exact resume after SIGKILL, real weights, bad
+input."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import stdlib_docstrings
+from conftest import RUN_ENV, stdlib_docstrings
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, pipeline
 
@@ -19,10 +19,12 @@ import mlm
 from mlm.fillmask import fill_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-# A model small enough that a run takes seconds on a 2-core CPU; on the CPU even where a GPU is present, since
-# the comparisons below are bit for bit.
-TINY = ["--device", "cpu", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
-        "--block-size", "32", "--eval-blocks", "16", "--log-every", "1", "--lr", "3e-3", "--warmup", "2"]
+# A model small enough that a run takes seconds on a 2-core CPU; on the CPU even where a GPU is
+# present, since the comparisons below are bit for bit.
+TINY = [
+    *"--device cpu --hidden-size 32 --num-layers 2 --num-heads 2 --intermediate-size 64 "
+    "--block-size 32 --eval-blocks 16 --log-every 1 --lr 3e-3 --warmup 2".split()
+]
 
 
 def free_port() -> int:
@@ -34,36 +36,26 @@ def free_port() -> int:
 def train_cmd(*args, nproc: int = 1) -> list[str]:
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-                     "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        launcher += [
+            *"-m torch.distributed.run --nnodes=1".split(),
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
     return launcher + [str(ROOT / "train.py"), *map(str, args)]
 
 
 def run_train(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_trains((list(args), nproc), timeout=timeout)[0]
+    """train.py (under torchrun with nproc > 1), one thread a process (RUN_ENV); its output kept."""
+    cmd = train_cmd(*args, nproc=nproc)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=RUN_ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def run_trains(*runs: tuple[list, int], timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """Independent runs started together, each given as (args, nproc); results in that order. Every process
-    is one thread (OMP_NUM_THREADS=1), so two cores run two of them in the time of one."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = []
-    try:
-        for args, nproc in runs:
-            cmd = train_cmd(*args, nproc=nproc)
-            started.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.PIPE, text=True)))
-        deadline = time.time() + timeout
-        results = []
-        for cmd, proc in started:
-            out, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
-            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
-        return results
-    finally:
-        for _, proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+# Tests that start torchrun share this xdist group: they run one at a time (pytest -n ... --dist
+# loadgroup), so that two rank pairs never compete for the cores or for a free port.
+torchrun = pytest.mark.xdist_group("torchrun")
 
 
 def final_weights(out: Path) -> dict:
@@ -81,14 +73,21 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@torchrun
 def test_layouts_give_the_same_parameters(dataset, tmp_path):
-    """1 process x 8, 1 process x 2 micro-batches of 4, 2 Gloo ranks x 4: the same update every step."""
-    common = ["--data", dataset, *TINY, "--max-steps", "6", "--global-batch-size", "8", "--dropout", "0"]
-    runs = dict(zip(("single", "accumulate", "ddp"), run_trains(
-        ([*common, "--out", tmp_path / "single"], 1),
-        ([*common, "--micro-batch-size", "4", "--out", tmp_path / "accumulate"], 1),
-        ([*common, "--micro-batch-size", "4", "--out", tmp_path / "ddp"], 2),
-    )))
+    """1 process x 8, 1 process x 2 micro-batches of 4, 2 Gloo ranks x 4: the same update every
+    step."""
+    common = ["--data", dataset, *TINY, *"--max-steps 6 --global-batch-size 8 --dropout 0".split()]
+    runs = dict(
+        zip(
+            ("single", "accumulate", "ddp"),
+            [
+                run_train(*common, "--out", tmp_path / "single"),
+                run_train(*common, "--micro-batch-size", "4", "--out", tmp_path / "accumulate"),
+                run_train(*common, "--micro-batch-size", "4", "--out", tmp_path / "ddp", nproc=2),
+            ],
+        )
+    )
     for name, result in runs.items():
         assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
     single = final_weights(tmp_path / "single")
@@ -104,15 +103,33 @@ def test_layouts_give_the_same_parameters(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
-    common = ["--data", dataset, *TINY, "--max-steps", "60", "--global-batch-size", "8", "--save-every", "5",
-              "--keep-last", "3", "--eval-every", "20"]  # default dropout: resume must replay its randomness
+    common = [
+        "--data",
+        dataset,
+        *TINY,
+        "--max-steps",
+        "60",
+        "--global-batch-size",
+        "8",
+        "--save-every",
+        "5",
+        # default dropout: resume must replay its randomness
+        "--keep-last",
+        "3",
+        "--eval-every",
+        "20",
+    ]
     reference = run_train(*common, "--out", tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_cmd(*common, "--out", out), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(*common, "--out", out),
+        cwd=ROOT,
+        env=RUN_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "checkpoints").glob("step_*.pt"))) < 2:
         time.sleep(0.05)
@@ -122,7 +139,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
     saved = sorted((out / "checkpoints").glob("step_*.pt"))
     assert saved and not (out / "final").exists(), "the run finished before it was killed"
 
-    # Damage the newest checkpoint as a crash mid-write on another filesystem could: resume must skip it.
+    # Damage the newest checkpoint as a crash mid-write on another filesystem could: resume must
+    # skip it.
     newest = saved[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])
     resumed = run_train(*common, "--out", out, "--resume")
@@ -135,13 +153,36 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_continue_pretraining_all_minilm_l6_v2(minilm_dir, tmp_path):
-    """Real weights: validation perplexity falls; the export loads in transformers with the same fill-mask."""
+    """Real weights: validation perplexity falls; the export loads in transformers with the same
+    fill-mask."""
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n\n".join(stdlib_docstrings(400)))
     out = tmp_path / "run"
-    result = run_train("--preset", "minilm", "--device", "cpu", "--init", minilm_dir, "--data", corpus, "--out", out,
-                       "--max-steps", "20", "--global-batch-size", "8", "--block-size", "64", "--eval-every", "10",
-                       "--eval-blocks", "16", "--lr", "3e-4", timeout=600)
+    result = run_train(
+        "--preset",
+        "minilm",
+        "--device",
+        "cpu",
+        "--init",
+        minilm_dir,
+        "--data",
+        corpus,
+        "--out",
+        out,
+        "--max-steps",
+        "20",
+        "--global-batch-size",
+        "8",
+        "--block-size",
+        "64",
+        "--eval-every",
+        "10",
+        "--eval-blocks",
+        "16",
+        "--lr",
+        "3e-4",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ppl = [m["val_ppl"] for m in metrics(out) if "val_ppl" in m]
     assert len(ppl) >= 3 and ppl[-1] < 0.5 * ppl[0], ppl
@@ -159,8 +200,23 @@ def test_continue_pretraining_all_minilm_l6_v2(minilm_dir, tmp_path):
 
 def test_metrics_checkpoints_and_exports(dataset, tmp_path):
     out = tmp_path / "run"
-    result = run_train("--data", dataset, *TINY, "--max-steps", "8", "--global-batch-size", "4",
-                       "--eval-every", "4", "--save-every", "2", "--keep-last", "2", "--out", out)
+    result = run_train(
+        "--data",
+        dataset,
+        *TINY,
+        "--max-steps",
+        "8",
+        "--global-batch-size",
+        "4",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "2",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
@@ -172,17 +228,22 @@ def test_metrics_checkpoints_and_exports(dataset, tmp_path):
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     best_step = min(evals[1:], key=lambda r: r["val_loss"])["step"]
     assert kept == sorted({f"step_{s:08d}.pt" for s in (6, 8, best_step)})
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is a test dependency
+    # matplotlib is a test dependency
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for folder in ("final", "best"):
         model, tokenizer = mlm.load_pretrained(out / folder)
         assert tokenizer.vocab_size == model.config.vocab_size
-    example = result.stdout.strip().splitlines()  # the closing fill-mask example: the prompt, then 5 fillings
+    # the closing fill-mask example: the prompt, then 5 fillings
+    example = result.stdout.strip().splitlines()
     assert example[0] == "Return a [MASK] of the items in the list." and len(example) == 6
     assert all(line.split(maxsplit=1)[1].startswith("return a") for line in example[1:])
 
 
 BAD_INPUT = [
-    (["--global-batch-size", "6", "--micro-batch-size", "4"], "not a multiple of world size 1 x micro batch 4"),
+    (
+        ["--global-batch-size", "6", "--micro-batch-size", "4"],
+        "not a multiple of world size 1 x micro batch 4",
+    ),
     (["--init", "/does/not/exist"], "--init folder '/does/not/exist' does not exist"),
     (["--preset", "imdb"], "pass --init MODEL_DIR"),
     (["--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16, not 'fp8'"),
@@ -192,25 +253,32 @@ BAD_INPUT = [
 ]
 
 
-def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
-    """Each case in its own process, all started at once."""
-    cases = [(args, message) for args, message in BAD_INPUT
-             if not ("cuda" in " ".join(args) and torch.cuda.is_available())]  # a machine with CUDA has one
-    results = run_trains(*((["--data", dataset, *TINY, "--max-steps", "2", "--out", tmp_path / f"run{i}", *args], 1)
-                           for i, (args, _) in enumerate(cases)))
-    for (args, message), result in zip(cases, results):
-        assert result.returncode == 2, (args, result.stderr[-2000:])
-        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
-        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(args) for args, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path, args, message):
+    if "cuda:0" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_train(
+        "--data", dataset, *TINY, "--max-steps", "2", "--out", tmp_path / "run", *args
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_a_bad_model_setting_is_refused_before_any_work(tmp_path):
     """No tokenizer trained, no corpus tokenized, no folder made: the flag is checked first."""
-    env = {**os.environ, "MLM_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(train_cmd("--family", "nope", "--out", tmp_path / "run"), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {**RUN_ENV, "MLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        train_cmd("--family", "nope", "--out", tmp_path / "run"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: unknown model family 'nope'; use one of bert, roberta, distilbert, deberta-v2"]
+        "error: unknown model family 'nope'; use one of bert, roberta, distilbert, deberta-v2"
+    ]
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
@@ -224,8 +292,21 @@ def test_out_folder_of_another_run_is_refused(dataset, tmp_path):
 
 
 def test_persistent_nan_loss_stops_with_a_message(dataset, tmp_path):
-    result = run_train("--data", dataset, *TINY, "--max-steps", "40", "--lr", "1e30", "--grad-clip", "0",
-                       "--warmup", "0", "--out", tmp_path / "run")
+    result = run_train(
+        "--data",
+        dataset,
+        *TINY,
+        "--max-steps",
+        "40",
+        "--lr",
+        "1e30",
+        "--grad-clip",
+        "0",
+        "--warmup",
+        "0",
+        "--out",
+        tmp_path / "run",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "loss was NaN/inf for 10 steps in a row" in result.stderr
     assert "step skipped" in result.stderr and "Traceback" not in result.stderr
@@ -233,8 +314,10 @@ def test_persistent_nan_loss_stops_with_a_message(dataset, tmp_path):
 
 def test_toml_config_and_flag_precedence(dataset, tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('max_steps = 3\nglobal_batch_size = 4\n[model]\nnum_layers = 1\n')
-    result = run_train("--data", dataset, *TINY, "--config", toml, "--num-layers", "3", "--out", tmp_path / "run")
+    toml.write_text("max_steps = 3\nglobal_batch_size = 4\n[model]\nnum_layers = 1\n")
+    result = run_train(
+        "--data", dataset, *TINY, "--config", toml, "--num-layers", "3", "--out", tmp_path / "run"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["num_hidden_layers"] == 3  # the flag beats the file
@@ -247,65 +330,138 @@ def test_toml_config_and_flag_precedence(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_compile_trains_like_eager_with_static_masks(dataset, tmp_path):
-    """--compile (inductor on the CPU) takes the static-mask path; eager with --static-masking is its reference."""
-    common = ["--data", dataset, *TINY, "--max-steps", "4", "--global-batch-size", "8", "--dropout", "0"]
-    compiled, eager = run_trains(([*common, "--compile", "--out", tmp_path / "compiled"], 1),
-                                 ([*common, "--static-masking", "--out", tmp_path / "eager"], 1), timeout=600)
+    """--compile (inductor on the CPU) takes the static-mask path; eager with --static-masking is
+    its reference."""
+    common = ["--data", dataset, *TINY, *"--max-steps 4 --global-batch-size 8 --dropout 0".split()]
+    compiled = run_train(*common, "--compile", "--out", tmp_path / "compiled", timeout=600)
+    eager = run_train(*common, "--static-masking", "--out", tmp_path / "eager")
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert eager.returncode == 0, eager.stderr[-3000:]
-    assert_same_weights(final_weights(tmp_path / "compiled"), final_weights(tmp_path / "eager"), atol=1e-5)
+    assert_same_weights(
+        final_weights(tmp_path / "compiled"), final_weights(tmp_path / "eager"), atol=1e-5
+    )
 
 
 def test_varlen_trains_like_the_dense_document_mask(dataset, tmp_path):
-    """Per-document attention through nested tensors (--varlen) gives the updates of the dense (T, T) mask."""
-    common = ["--data", dataset, *TINY, "--max-steps", "3", "--global-batch-size", "4", "--doc-attention",
-              "--dropout", "0"]
-    runs = dict(zip(("dense", "varlen"), run_trains(([*common, "--out", tmp_path / "dense"], 1),
-                                                   ([*common, "--varlen", "--out", tmp_path / "varlen"], 1))))
+    """Per-document attention through nested tensors (--varlen) gives the updates of the dense (T,
+    T) mask."""
+    common = [
+        "--data",
+        dataset,
+        *TINY,
+        *"--max-steps 3 --global-batch-size 4 --doc-attention --dropout 0".split(),
+    ]
+    runs = dict(
+        zip(
+            ("dense", "varlen"),
+            [
+                run_train(*common, "--out", tmp_path / "dense"),
+                run_train(*common, "--varlen", "--out", tmp_path / "varlen"),
+            ],
+        )
+    )
     for name, result in runs.items():
         assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
-    assert_same_weights(final_weights(tmp_path / "varlen"), final_weights(tmp_path / "dense"), atol=1e-5)
-    dense, varlen = ([m["val_loss"] for m in metrics(tmp_path / n) if "val_loss" in m] for n in runs)
+    assert_same_weights(
+        final_weights(tmp_path / "varlen"), final_weights(tmp_path / "dense"), atol=1e-5
+    )
+    dense, varlen = (
+        [m["val_loss"] for m in metrics(tmp_path / n) if "val_loss" in m] for n in runs
+    )
     assert len(dense) == len(varlen) == 2 and max(abs(a - b) for a, b in zip(dense, varlen)) < 1e-4
 
 
 def test_dataset_of_another_vocabulary_is_refused(dataset, hf_checkpoints, tmp_path):
-    result = run_train("--device", "cpu", "--init", hf_checkpoints["bert"], "--data", dataset, "--max-steps", "2", "--out", tmp_path / "r")
+    result = run_train(
+        "--device",
+        "cpu",
+        "--init",
+        hf_checkpoints["bert"],
+        "--data",
+        dataset,
+        "--max-steps",
+        "2",
+        "--out",
+        tmp_path / "r",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the dataset's vocabulary has 600 tokens but this model/tokenizer has" in result.stderr
 
 
+@torchrun
 def test_world_size_that_does_not_divide_the_global_batch(dataset, tmp_path):
-    result = run_train("--data", dataset, *TINY, "--max-steps", "2", "--global-batch-size", "3",
-                       "--out", tmp_path / "run", nproc=2)
+    result = run_train(
+        "--data",
+        dataset,
+        *TINY,
+        "--max-steps",
+        "2",
+        "--global-batch-size",
+        "3",
+        "--out",
+        tmp_path / "run",
+        nproc=2,
+    )
     assert result.returncode != 0
     for rank in (0, 1):  # each rank's own line comes before torchrun's report
-        assert (f"error (rank {rank}): global batch 3 is not a multiple of world size 2; "
-                "change --global-batch-size") in result.stderr
+        assert (
+            f"error (rank {rank}): global batch 3 is not a multiple of world size 2; "
+            "change --global-batch-size"
+        ) in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
 def test_deberta_v3_recipe_on_a_wikipedia_like_parquet_dump(hf_checkpoints, tmp_path):
-    """The users' recipe as a preset: parquet with id/url/title/text, an evaluation and a checkpoint every epoch,
-    one checkpoint kept beside the best, and the best weights exported at the end."""
+    """The users' recipe as a preset: parquet with id/url/title/text, an evaluation and a checkpoint
+    every epoch, one checkpoint kept beside the best, and the best weights exported at the end."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     texts = stdlib_docstrings(120)
-    table = pa.table({"id": [str(i) for i in range(len(texts))], "url": ["https://x"] * len(texts),
-                      "title": [t[:20] for t in texts], "text": texts})
+    table = pa.table(
+        {
+            "id": [str(i) for i in range(len(texts))],
+            "url": ["https://x"] * len(texts),
+            "title": [t[:20] for t in texts],
+            "text": texts,
+        }
+    )
     pq.write_table(table, tmp_path / "wiki-00000.parquet")
     out = tmp_path / "run"
-    result = run_train("--preset", "deberta-v3", "--device", "cpu", "--init", hf_checkpoints["deberta-v2"],
-                       "--data", tmp_path / "wiki-00000.parquet", "--out", out, "--epochs", "3", "--block-size", "32",
-                       "--global-batch-size", "16", "--eval-blocks", "8", "--log-every", "1", "--lr", "1e-3")
+    result = run_train(
+        "--preset",
+        "deberta-v3",
+        "--device",
+        "cpu",
+        "--init",
+        hf_checkpoints["deberta-v2"],
+        "--data",
+        tmp_path / "wiki-00000.parquet",
+        "--out",
+        out,
+        "--epochs",
+        "3",
+        "--block-size",
+        "32",
+        "--global-batch-size",
+        "16",
+        "--eval-blocks",
+        "8",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(out)
     steps = max(r["step"] for r in rows if "loss" in r)
     evals = [r["step"] for r in rows if "val_loss" in r]
-    assert steps % 3 == 0 and evals == [0, steps // 3, 2 * steps // 3, steps]  # one per epoch, plus the baseline
-    best = min((r for r in rows if "val_loss" in r and r["step"] > 0), key=lambda r: r["val_loss"])["step"]
+    # one per epoch, plus the baseline
+    assert steps % 3 == 0 and evals == [0, steps // 3, 2 * steps // 3, steps]
+    best = min((r for r in rows if "val_loss" in r and r["step"] > 0), key=lambda r: r["val_loss"])[
+        "step"
+    ]
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == sorted({f"step_{steps:08d}.pt", f"step_{best:08d}.pt"})
     assert_same_weights(final_weights(out), load_file(out / "best" / "model.safetensors"), atol=0)
@@ -320,12 +476,29 @@ def test_deberta_from_scratch_with_a_unigram_tokenizer(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(stdlib_docstrings()))
     out = tmp_path / "run"
-    result = run_train("--family", "deberta-v2", "--tokenizer-kind", "unigram", "--vocab-size", "700",
-                       "--data", corpus, *TINY, "--max-steps", "4", "--global-batch-size", "4", "--out", out,
-                       "--example", "The [MASK] of the list.")
+    result = run_train(
+        "--family",
+        "deberta-v2",
+        "--tokenizer-kind",
+        "unigram",
+        "--vocab-size",
+        "700",
+        "--data",
+        corpus,
+        *TINY,
+        "--max-steps",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--out",
+        out,
+        "--example",
+        "The [MASK] of the list.",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model, info = AutoModelForMaskedLM.from_pretrained(out / "final", output_loading_info=True)
     assert type(model).__name__ == "DebertaV2ForMaskedLM" and not info["missing_keys"]
     text = "Return the number of items."
-    assert AutoTokenizer.from_pretrained(out / "final")(text)["input_ids"] == mlm.Tokenizer.from_pretrained(
-        out / "final").encode(text)
+    assert AutoTokenizer.from_pretrained(out / "final")(text)[
+        "input_ids"
+    ] == mlm.Tokenizer.from_pretrained(out / "final").encode(text)

@@ -1,18 +1,19 @@
-"""Inverted dropout on the CPU as a thresholded uniform draw, instead of one Bernoulli draw per element.
+"""Inverted dropout on the CPU as a thresholded uniform draw, instead of one Bernoulli draw per
+element.
 
 Each element is kept with probability 1 - p and scaled by 1 / (1 - p), so the mean is unchanged:
 
     keep = (u >= p) / (1 - p),   u ~ Uniform[0, 1)      y = x * keep      grad_x = grad_y * keep
 
-`u >= p` holds with probability 1 - p, so this is the distribution `F.dropout` draws, by another route:
-torch's CPU kernel samples a Bernoulli per element, which costs about twice a uniform draw and a compare
-(BENCHMARKS.md). The uniforms come from the global generator, so `torch.manual_seed` makes a run repeat.
-The mask is not the one `F.dropout` would draw from the same seed; only its distribution is the same.
+`u >= p` holds with probability 1 - p, so this is the distribution `F.dropout` draws, by another
+route: torch's CPU kernel samples a Bernoulli per element, which costs about twice a uniform draw
+and a compare (BENCHMARKS.md). The uniforms come from the global generator, so `torch.manual_seed`
+makes a run repeat. The mask is not the one `F.dropout` would draw from the same seed; only its
+distribution is the same.
 
 `dropout` falls back to `dropout_ref` (plain `F.dropout`) off the CPU, where torch's fused kernel is
-already fast, and at p = 1 (which drops everything). `install` makes a CPU model's nn.Dropout modules
-`Dropout`, computed by it.
-"""
+already fast, and at p = 1 (which drops everything). `install` makes a CPU model's nn.Dropout
+modules `Dropout`, computed by it."""
 
 from __future__ import annotations
 

@@ -1,25 +1,26 @@
 """fp32 linear layers on the CPU through oneDNN's GEMM instead of the BLAS behind `F.linear`.
 
 Why: PyTorch sends an fp32 `F.linear` on the CPU to Intel MKL's sgemm, and only bf16/fp16 to oneDNN,
-which it also ships. MKL picks its code path by CPU vendor; where it does not take its fastest one (AMD
-CPUs), oneDNN's fp32 GEMM is about twice as fast on every product of the model (BENCHMARKS.md, "fp32
-matmuls"). On Intel CPUs MKL is the faster of the two (oneDNN's backward products, whose operands are
-transposed views, by up to 2x), so there `linear` is `F.linear` unless asked otherwise.
+which it also ships. MKL picks its code path by CPU vendor; where it does not take its fastest one
+(AMD CPUs), oneDNN's fp32 GEMM is about twice as fast on every product of the model (BENCHMARKS.md,
+"fp32 matmuls"). On Intel CPUs MKL is the faster of the two (oneDNN's backward products, whose
+operands are transposed views, by up to 2x), so there `linear` is `F.linear` unless asked otherwise.
 
-The same math: fp32 inputs, fp32 accumulation; only the blocking (the order of the additions) differs,
-so results agree with `F.linear` to fp32 rounding (about 1e-6 relative).
+The same math: fp32 inputs, fp32 accumulation; only the blocking (the order of the additions)
+differs, so results agree with `F.linear` to fp32 rounding (about 1e-6 relative).
 
-The op is `torch.ops.mkldnn._linear_pointwise(a, b) = a @ b.T`, what TorchInductor emits for CPU linear
-layers. It has no autograd formula, so `_OneDNNLinear` supplies one from the same op, on transposed views:
+The op is `torch.ops.mkldnn._linear_pointwise(a, b) = a @ b.T`, what TorchInductor emits for CPU
+linear layers. It has no autograd formula, so `_OneDNNLinear` supplies one from the same op, on
+transposed views:
 
     y = x @ W.T + b      grad_x = g @ W      grad_W = g.T @ x      grad_b = g.sum(0)
 
-Installed from outside (`install`, called by `mlm.kernels.install`): every nn.Linear of a model becomes a
-`OneDNNLinear`, the same parameters under the same names. Whether to install is decided once, by
-`choose_gemm`: "auto" takes oneDNN where MKL is not the faster (not on Intel CPUs), "onednn" and "mkl"
-(F.linear) insist. Per call, `linear` falls back to `linear_ref` (`F.linear`) wherever it does not apply:
-other devices or dtypes, CPU autocast (which already sends bf16 matmuls to oneDNN), inside torch.compile
-(which picks its own kernels), and torch builds without oneDNN.
+Installed from outside (`install`, called by `mlm.kernels.install`): every nn.Linear of a model
+becomes a `OneDNNLinear`, the same parameters under the same names. Whether to install is decided
+once, by `choose_gemm`: "auto" takes oneDNN where MKL is not the faster (not on Intel CPUs),
+"onednn" and "mkl" (F.linear) insist. Per call, `linear` falls back to `linear_ref` (`F.linear`)
+wherever it does not apply: other devices or dtypes, CPU autocast (which already sends bf16 matmuls
+to oneDNN), inside torch.compile (which picks its own kernels), and torch builds without oneDNN.
 
 Shapes: M rows, K input features, N output features.
 """
@@ -36,9 +37,13 @@ linear_ref = F.linear  # what the fast path must equal, up to fp32 rounding
 
 
 def _find_op():
-    """The oneDNN op, or None where this torch build lacks it or it does not answer as expected (it is a
-    private op, so a torch other than the tested 2.13 is probed once rather than trusted)."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    """The oneDNN op, or None where this torch build lacks it or it does not answer as expected (it
+    is a private op, so a torch other than the tested 2.13 is probed once rather than trusted)."""
+    op = (
+        getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+        if torch.backends.mkldnn.is_available()
+        else None
+    )
     if op is None:
         return None
     try:
@@ -52,7 +57,8 @@ _op = _find_op()
 
 
 def _mkl_is_fast() -> bool:
-    """Whether F.linear's MKL takes its fast path on this CPU: MKL chooses its kernels by vendor, Intel's."""
+    """Whether F.linear's MKL takes its fast path on this CPU: MKL chooses its kernels by vendor,
+    Intel's."""
     if not torch.backends.mkl.is_available():
         return False
     try:
@@ -72,7 +78,9 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) ->
 
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
@@ -97,7 +105,8 @@ GEMMS = ("auto", "onednn", "mkl")
 
 
 def choose_gemm(choice: str = "auto") -> str:
-    """"onednn" or "mkl": the fp32 CPU GEMM linear layers use, from the user's choice and this machine."""
+    """ "onednn" or "mkl": the fp32 CPU GEMM linear layers use, from the user's choice and this
+    machine."""
     if choice not in GEMMS:
         raise ConfigError(f"cpu_gemm must be one of {', '.join(GEMMS)}, not {choice!r}")
     if choice == "onednn" and _op is None:
@@ -122,7 +131,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`: x (..., K), weight (N, K), bias (N,) -> (..., N), by oneDNN where it applies."""
+    """`F.linear(x, weight, bias)`: x (..., K), weight (N, K), bias (N,) -> (..., N), by oneDNN
+    where it applies."""
     if not applies(x, weight):
         return linear_ref(x, weight, bias)
     return _OneDNNLinear.apply(x, weight, bias)
@@ -140,6 +150,7 @@ def install(model: nn.Module) -> int:
     count = 0
     for module in list(model.modules()):
         if type(module) is nn.Linear:
-            module.__class__ = OneDNNLinear  # no new parameters: the optimizer's and the state dict's stay
+            # no new parameters: the optimizer's and the state dict's stay
+            module.__class__ = OneDNNLinear
             count += 1
     return count

@@ -1,19 +1,20 @@
 """The vocabulary logits under CPU autocast, a slice of the vocabulary at a time.
 
 Under autocast `F.linear(x, weight, bias)` first casts the whole fp32 (V, C) weight to bf16, then
-multiplies. For the MLM decoder the weight is the word embedding table, and with a large vocabulary that
-cast is a pass of its own over a table larger than the caches (deberta-v3: 128,100 x 768, 393 MB read and
-197 MB written to freshly mapped memory), which the matmul then reads again. Here the decoder runs over
-slices of CHUNK words: each slice's weight is cast and multiplied while it is still in cache, and its logits
-go straight into their columns of the one (M, V) output. Same math (the same bf16 operands, fp32
-accumulation); only the matmul's blocking follows the slices, so a logit can differ from the reference's
-in its last bf16 bit.
+multiplies. For the MLM decoder the weight is the word embedding table, and with a large vocabulary
+that cast is a pass of its own over a table larger than the caches (deberta-v3: 128,100 x 768, 393
+MB read and 197 MB written to freshly mapped memory), which the matmul then reads again. Here the
+decoder runs over slices of CHUNK words: each slice's weight is cast and multiplied while it is
+still in cache, and its logits go straight into their columns of the one (M, V) output. Same math
+(the same bf16 operands, fp32 accumulation); only the matmul's blocking follows the slices, so a
+logit can differ from the reference's in its last bf16 bit.
 
 `vocab_logits` is `vocab_logits_ref` (`F.linear`) wherever this does not apply: without CPU autocast
 (an fp32 weight needs no cast), while autograd records (training scores the labelled rows through
-linear_cross_entropy), inside torch.compile, and for vocabularies under MIN_WORDS. Below that the table's
-cast is cheap enough that autocast's own way can be the faster: within one autocast context autocast keeps
-the cast of a weight that requires grad, and later calls skip it (BENCHMARKS.md, "DeBERTa-v3").
+linear_cross_entropy), inside torch.compile, and for vocabularies under MIN_WORDS. Below that the
+table's cast is cheap enough that autocast's own way can be the faster: within one autocast context
+autocast keeps the cast of a weight that requires grad, and later calls skip it (BENCHMARKS.md,
+"DeBERTa-v3").
 
 Shapes: x (..., C), weight (V, C), bias (V,) -> (..., V).
 """
@@ -44,8 +45,11 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     )
 
 
-def vocab_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` under CPU autocast: x (..., C), weight (V, C), bias (V,) -> (..., V)."""
+def vocab_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` under CPU autocast: x (..., C), weight (V, C), bias (V,) -> (...,
+    V)."""
     if not applies(x, weight, bias):
         return vocab_logits_ref(x, weight, bias)
     dtype = torch.get_autocast_dtype("cpu")

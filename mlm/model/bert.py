@@ -5,10 +5,10 @@
         x = LN(x + dropout(Attention(x)))                          LayerNorm after each residual add
         x = LN(x + dropout(W2 act(W1 x + b1) + b2))
 
-RoBERTa and DistilBERT are this encoder with other config values (positions that skip padding, no token
-types, no dropout after DistilBERT's attention); DeBERTa (deberta.py) keeps the blocks and changes the
-attention scores. Every op is torch's own (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Dropout, SDPA);
-`mlm.kernels.install` puts faster equal ones in their place from outside.
+RoBERTa and DistilBERT are this encoder with other config values (positions that skip padding, no
+token types, no dropout after DistilBERT's attention); DeBERTa (deberta.py) keeps the blocks and
+changes the attention scores. Every op is torch's own (nn.Linear, nn.Embedding, nn.LayerNorm,
+nn.Dropout, SDPA); `mlm.kernels.install` puts faster equal ones in their place from outside.
 
 Shape legend: B batch, T tokens, C = hidden_size, E = embedding_size, H heads, D = C // H head dim,
 N real tokens packed end to end (varlen), S sequences among them.
@@ -29,20 +29,26 @@ from mlm.model.config import ACTIVATIONS, ModelConfig
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        E, C = cfg.embedding_size, cfg.hidden_size  # DeBERTa may embed narrower, then project up to C
+        # DeBERTa may embed narrower, then project up to C
+        E, C = cfg.embedding_size, cfg.hidden_size
         self.word = nn.Embedding(cfg.vocab_size, E, padding_idx=cfg.pad_token_id)
-        self.position = nn.Embedding(cfg.max_position_embeddings, E) if cfg.position_biased_input else None
+        self.position = (
+            nn.Embedding(cfg.max_position_embeddings, E) if cfg.position_biased_input else None
+        )
         self.token_type = nn.Embedding(cfg.type_vocab_size, E) if cfg.type_vocab_size else None
         self.proj = nn.Linear(E, C, bias=False) if E != C else None
         self.norm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.pad_token_id, self.position_offset = cfg.pad_token_id, cfg.position_offset
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T = input_ids.shape
         x = self.word(input_ids)  # (B, T, E)
         if self.position_offset:
-            # RoBERTa: real tokens are numbered from pad_token_id + 1 and padding keeps position pad_token_id.
+            # RoBERTa: real tokens are numbered from pad_token_id + 1 and padding keeps position
+            # pad_token_id.
             real = (input_ids != self.pad_token_id).int()
             positions = torch.cumsum(real, dim=1) * real + (self.position_offset - 1)  # (B, T)
             x = x + self.position(positions)
@@ -62,8 +68,8 @@ class Ragged(NamedTuple):
     """Sequences packed end to end: sequence s is rows offsets[s] to offsets[s + 1] - 1.
 
     The shortest and longest lengths are read to the host once per batch, here, and handed to every
-    layer's nested tensors, which would otherwise each compute them (a device sync per layer on a GPU).
-    """
+    layer's nested tensors, which would otherwise each compute them (a device sync per layer on a
+    GPU)."""
 
     offsets: torch.Tensor  # (S + 1,) int64, from 0 to N
     min_len: int
@@ -73,8 +79,8 @@ class Ragged(NamedTuple):
 def pack(
     x: torch.Tensor, attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None
 ) -> tuple[torch.Tensor, Ragged, torch.Tensor]:
-    """The real tokens of x (B, T, C) end to end, (N, C); where each sequence (a row, or a document of
-    one) starts; and which positions were real, (B, T)."""
+    """The real tokens of x (B, T, C) end to end, (N, C); where each sequence (a row, or a document
+    of one) starts; and which positions were real, (B, T)."""
     B, T, _ = x.shape
     if attention_mask is None:
         real = torch.ones(B, T, dtype=torch.bool, device=x.device)
@@ -98,26 +104,31 @@ def unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return packed.new_zeros(B, T, packed.shape[-1]).masked_scatter(real[..., None], packed)
 
 
-def attention_mask_for(attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """The boolean mask SDPA takes (True = may attend), or None when every token sees every token."""
+def attention_mask_for(
+    attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The boolean mask SDPA takes (True = may attend), or None when every token sees every
+    token."""
     if doc_ids is not None:
         mask = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T)
         if attention_mask is not None:
-            # Hide padded keys too, but let every token see itself so no row of the mask is empty (NaN).
+            # Hide padded keys too, but let every token see itself so no row of the mask is empty
+            # (NaN).
             mask = mask & attention_mask[:, None, None, :].bool()
             mask = mask | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
         return mask
     if attention_mask is not None:
-        return attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): hide padded keys from all queries
+        # (B, 1, 1, T): hide padded keys from all queries
+        return attention_mask[:, None, None, :].bool()
     return None
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: softmax(q k^T / sqrt(D) + mask) v per head, with one fused QKV projection
-    (HF keeps three; the key table splits it).
+    """Multi-head self-attention: softmax(q k^T / sqrt(D) + mask) v per head, with one fused QKV
+    projection (HF keeps three; the key table splits it).
 
-    `sdpa` is F.scaled_dot_product_attention; `mlm.kernels.install` may put an equal one in its place.
-    """
+    `sdpa` is F.scaled_dot_product_attention; `mlm.kernels.install` may put an equal one in its
+    place."""
 
     sdpa = staticmethod(F.scaled_dot_product_attention)
 
@@ -129,11 +140,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, ragged: Ragged | None = None, positions=None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        ragged: Ragged | None = None,
+        positions=None,
     ) -> torch.Tensor:
-        """x (B, T, C), or (N, C) packed with ragged; mask bool, True where a query may look at a key:
-        (B, 1, 1, T) for padding, (B, 1, T, T) for documents. positions: what a family's attention needs
-        of the token positions besides the mask (DeBERTa's relative table); None here."""
+        """x (B, T, C), or (N, C) packed with ragged; mask bool, True where a query may look at a
+        key: (B, 1, 1, T) for padding, (B, 1, T, T) for documents. positions: what a family's
+        attention needs of the token positions besides the mask (DeBERTa's relative table); None
+        here."""
         if ragged is not None:
             return self.proj(self.attend_varlen(x, ragged))
         B, T, C = x.shape
@@ -149,7 +165,8 @@ class Attention(nn.Module):
         return self.sdpa(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
 
     def attend_varlen(self, x: torch.Tensor, ragged: Ragged) -> torch.Tensor:
-        """Attention over S sequences packed end to end in x (N, C); sequence s is x[offsets[s]:offsets[s+1]].
+        """Attention over S sequences packed end to end in x (N, C); sequence s is
+        x[offsets[s]:offsets[s+1]].
 
         Nested (jagged) tensors give SDPA one ragged batch: no padding is computed and no token sees
         another sequence, with no (T, T) mask at all (on CUDA, the varlen FlashAttention kernels).
@@ -165,9 +182,11 @@ class Attention(nn.Module):
 
         q, k, v = self.qkv(x).split(C, dim=1)  # 3 x (N, C)
         with warnings.catch_warnings():
-            # On the CPU, SDPA converts jagged nested tensors to the older nested layout, which warns
-            # once per process that it is a prototype.
-            warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+            # On the CPU, SDPA converts jagged nested tensors to the older nested layout, which
+            # warns once per process that it is a prototype.
+            warnings.filterwarnings(
+                "ignore", message="The PyTorch API of nested tensors is in prototype stage"
+            )
             y = self.sdpa(heads(q), heads(k), heads(v), dropout_p=self.p if self.training else 0.0)
         return y.transpose(1, 2).flatten(-2).values()  # (N, C)
 
@@ -178,7 +197,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, attention: type[Attention] = Attention):
         super().__init__()
         self.attn = attention(cfg)
-        # DistilBERT adds the attention output to the residual without dropout; BERT and RoBERTa drop it.
+        # DistilBERT adds the attention output to the residual without dropout; BERT and RoBERTa
+        # drop it.
         self.attn_dropout = nn.Dropout(0.0 if cfg.family == "distilbert" else cfg.hidden_dropout)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -187,8 +207,13 @@ class Block(nn.Module):
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, ragged: Ragged | None = None,
-                positions=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        ragged: Ragged | None = None,
+        positions=None,
+    ) -> torch.Tensor:
         x = self.attn_norm(x + self.attn_dropout(self.attn(x, mask, ragged, positions)))
         return self.mlp_norm(x + self.mlp_dropout(self.fc2(self.act(self.fc1(x)))))
 
@@ -211,8 +236,8 @@ class Encoder(nn.Module):
     ) -> torch.Tensor:
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
         if self.varlen and (attention_mask is not None or doc_ids is not None):
-            # Every block on the N real tokens only, each sequence attending to itself; positions were
-            # embedded in the padded layout, so they are the dense path's.
+            # Every block on the N real tokens only, each sequence attending to itself; positions
+            # were embedded in the padded layout, so they are the dense path's.
             packed, ragged, real = pack(x, attention_mask, doc_ids)  # (N, C)
             for block in self.blocks:
                 packed = block(packed, None, ragged)

@@ -1,9 +1,8 @@
 """ModelConfig: one dataclass for every family, each field with the reason it exists.
 
-What differs between BERT, RoBERTa and DistilBERT is a field here; DeBERTa's disentangled attention has
-a section of its own. Derived settings are resolved once, in __post_init__: an `embedding_size` of 0 is
-the hidden size, and the families without relative positions have no position terms.
-"""
+What differs between BERT, RoBERTa and DistilBERT is a field here; DeBERTa's disentangled attention
+has a section of its own. Derived settings are resolved once, in __post_init__: an `embedding_size`
+of 0 is the hidden size, and the families without relative positions have no position terms."""
 
 from __future__ import annotations
 
@@ -15,12 +14,14 @@ import torch.nn.functional as F
 from mlm.errors import ConfigError
 
 FAMILIES = ("bert", "roberta", "distilbert", "deberta-v2")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names the CLIs take
+# the names the CLIs take
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACTIVATIONS = {
     "gelu": F.gelu,  # the exact erf form, as in the original BERT
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),  # the same tanh formula, written differently
+    # the same tanh formula, written differently
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
     "swish": F.silu,
@@ -30,36 +31,52 @@ POSITION_TERMS = ("c2p", "p2c")  # DeBERTa: content-to-position, position-to-con
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 30522  # rows of the word embeddings; may exceed the tokenizer's tokens (DeBERTa-v3)
+    # rows of the word embeddings; may exceed the tokenizer's tokens (DeBERTa-v3)
+    vocab_size: int = 30522
     hidden_size: int = 768  # C, the width of every token's vector between blocks
     num_layers: int = 12  # transformer blocks
     num_heads: int = 12  # hidden_size must divide evenly into heads
     intermediate_size: int = 3072  # width of the MLP inside each block, 4x hidden in BERT
-    max_position_embeddings: int = 512  # rows of the position table; RoBERTa spends pad_token_id + 1 of them
+    # rows of the position table; RoBERTa spends pad_token_id + 1 of them
+    max_position_embeddings: int = 512
     type_vocab_size: int = 2  # segment A/B embeddings; 1 in RoBERTa, 0 = none (DistilBERT)
     hidden_act: str = "gelu"  # MLP activation
-    head_act: str = "gelu"  # MLM head activation: RoBERTa hard-codes exact gelu whatever hidden_act says
+    # MLM head activation: RoBERTa hard-codes exact gelu whatever hidden_act says
+    head_act: str = "gelu"
     layer_norm_eps: float = 1e-12  # BERT's value, far below PyTorch's 1e-5 default
     pad_token_id: int = 0  # its word-embedding row gets no gradient; RoBERTa positions skip it
     position_offset: int = 0  # RoBERTa: pad_token_id + 1, positions count only non-pad tokens
-    hidden_dropout: float = 0.1  # after embeddings, the attention projection (not DistilBERT) and the MLP
+    # after embeddings, the attention projection (not DistilBERT) and the MLP
+    hidden_dropout: float = 0.1
     attention_dropout: float = 0.1  # on the attention probabilities
     initializer_range: float = 0.02  # std of the normal init for a model trained from scratch
-    family: str = "bert"  # "bert" | "roberta" | "distilbert" | "deberta-v2": the blocks, keys and config.json
-    varlen: bool = False  # attention per sequence (nested tensors): padding is skipped, documents kept apart
-    # DeBERTa-v2/v3 (family "deberta-v2"), defaults as in v3; the BERT families keep the first two as they are.
-    embedding_size: int = 0  # word-embedding width when narrower than hidden_size (projected up); 0 = hidden_size
-    position_biased_input: bool = True  # add absolute position embeddings; v3 has relative positions only
+    # "bert" | "roberta" | "distilbert" | "deberta-v2": the blocks, keys and config.json
+    family: str = "bert"
+    # attention per sequence (nested tensors): padding is skipped, documents kept apart
+    varlen: bool = False
+    # DeBERTa-v2/v3 (family "deberta-v2"), defaults as in v3; the BERT families keep the first two
+    # as they are.
+    # word-embedding width when narrower than hidden_size (projected up); 0 = hidden_size
+    embedding_size: int = 0
+    # add absolute position embeddings; v3 has relative positions only
+    position_biased_input: bool = True
     position_terms: tuple[str, ...] = POSITION_TERMS  # beside content-to-content: c2p, p2c or both
-    position_buckets: int = 256  # distances past +-buckets/2 share log-spaced buckets (v3); 0 = plain clamping
-    max_relative_positions: int = -1  # where clamping (or the log scale) ends; -1 = max_position_embeddings
-    share_att_key: bool = True  # positions go through the content W_q, W_k (v3), not their own projections
-    norm_relative: bool = True  # LayerNorm on the relative-position table (HF's norm_rel_ebd = "layer_norm")
-    legacy_head: bool = True  # the MLM head's HF names: cls.predictions.* (legacy) or lm_predictions.lm_head.*
+    # distances past +-buckets/2 share log-spaced buckets (v3); 0 = plain clamping
+    position_buckets: int = 256
+    # where clamping (or the log scale) ends; -1 = max_position_embeddings
+    max_relative_positions: int = -1
+    # positions go through the content W_q, W_k (v3), not their own projections
+    share_att_key: bool = True
+    # LayerNorm on the relative-position table (HF's norm_rel_ebd = "layer_norm")
+    norm_relative: bool = True
+    # the MLM head's HF names: cls.predictions.* (legacy) or lm_predictions.lm_head.*
+    legacy_head: bool = True
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ConfigError(f"unknown model family {self.family!r}; use one of {', '.join(FAMILIES)}")
+            raise ConfigError(
+                f"unknown model family {self.family!r}; use one of {', '.join(FAMILIES)}"
+            )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
@@ -68,7 +85,8 @@ class ModelConfig:
         for name in ("hidden_act", "head_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 raise ConfigError(
-                    f"unsupported {name} {getattr(self, name)!r}; use one of {', '.join(ACTIVATIONS)}"
+                    f"unsupported {name} {getattr(self, name)!r}; use one of "
+                    f"{', '.join(ACTIVATIONS)}"
                 )
         self.embedding_size = self.embedding_size or self.hidden_size
         if self.family != "deberta-v2":
@@ -81,7 +99,9 @@ class ModelConfig:
             return
         terms = tuple(self.position_terms)
         if not terms or set(terms) - set(POSITION_TERMS) or len(set(terms)) != len(terms):
-            raise ConfigError(f"position_terms {' '.join(terms)!r} is not supported; use c2p, p2c or both")
+            raise ConfigError(
+                f"position_terms {' '.join(terms)!r} is not supported; use c2p, p2c or both"
+            )
         self.position_terms = tuple(t for t in POSITION_TERMS if t in terms)  # one order: c2p first
         if not self.legacy_head and self.embedding_size != self.hidden_size:
             raise ConfigError(
@@ -90,7 +110,8 @@ class ModelConfig:
             )
         if self.varlen:
             raise ConfigError(
-                "varlen is not supported for deberta-v2: its position bias needs the padded (B, T, T) "
+                "varlen is not supported for deberta-v2: its position bias needs the padded (B, T, "
+                "T) "
                 "layout; drop --varlen (document attention works without it)"
             )
 
@@ -101,7 +122,8 @@ class ModelConfig:
 
     @property
     def relative_span(self) -> int:
-        """DeBERTa's S: relative positions index a table of 2S rows, S of them for distances below zero."""
+        """DeBERTa's S: relative positions index a table of 2S rows, S of them for distances below
+        zero."""
         return self.position_buckets if self.position_buckets > 0 else self.max_distance
 
     @property
