@@ -273,3 +273,40 @@ def test_synchronizer_waits_for_the_benched_gpu_not_the_current_one(monkeypatch)
     synchronizer(torch.device("cuda", 1))()
     synchronizer(torch.device("cpu"))()
     assert waited == [torch.device("cuda", 1)]
+
+
+def test_a_compiled_training_step_scores_max_predictions_rows_of_static_masks():
+    """As train.py does under --compile: a fixed number of rows per sequence (one graph, no host
+    sync for the number of masked rows), from masks with exactly that many targets per row."""
+    import argparse
+
+    import torch
+
+    from benchmarks import vs_hf
+
+    calls = []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, labels, max_predictions=None):
+            calls.append(max_predictions)
+            return self.w * 1.0
+
+    model = Model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.zeros(2, 40, dtype=torch.long), torch.zeros(2, 40, dtype=torch.long))]
+    for compiled, expected in ((True, 6), (False, None)):
+        args = argparse.Namespace(compile=compiled, breakdown=False)
+        step = vs_hf.train_step(
+            args, torch.device("cpu"), "fp32", model, optimizer, batches, is_hf=False
+        )
+        step(0)
+        assert calls[-1] == expected  # round(0.15 x 40)
+    ckpt = argparse.Namespace(
+        token_ids=torch.arange(5, 300), mask_id=4, vocab_size=300, special_ids=[0, 1, 2, 3, 4]
+    )
+    ((ids, labels),) = vs_hf.random_batches(ckpt, 1, 3, 40, torch.device("cpu"), static=True)
+    assert (labels != -100).sum(dim=1).tolist() == [6, 6, 6]
