@@ -265,7 +265,7 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> TrainC
                 "--" + flag(name),
                 dest=name,
                 default=None,
-                help=helps[name] + model,
+                help=helps[name].replace("%", "%%") + model,
                 **flag_kwargs(hint),
             )
     args = p.parse_args(argv)

@@ -19,7 +19,16 @@ from safetensors import safe_open
 
 from mlm.distributed import check_device
 from mlm.errors import CheckpointError, UnsupportedModelError
-from mlm.hf_tables import ARCHITECTURE, BASE, CONFIG_FIELDS, DEBERTA_DEFAULTS, DEBERTA_HEADS, KEYS
+from mlm.hf_tables import (
+    ARCHITECTURE,
+    BASE,
+    CONFIG_FIELDS,
+    DEBERTA_DEFAULTS,
+    DEBERTA_HEADS,
+    KEYS,
+    LAYER_TYPES,
+    MODERNBERT_DEFAULTS,
+)
 from mlm.io import atomic_write
 from mlm.kernels import install
 from mlm.model import MaskedLM, ModelConfig
@@ -34,8 +43,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     family = hf.get("model_type")
     if family not in KEYS:
         raise UnsupportedModelError(
-            f"model_type {family!r} is not supported; mlm loads bert, roberta, distilbert and "
-            "deberta-v2 checkpoints"
+            f"model_type {family!r} is not supported; mlm loads bert, roberta, distilbert, "
+            "deberta-v2 and modernbert checkpoints"
         )
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError(
@@ -49,20 +58,57 @@ def config_from_hf(hf: dict) -> ModelConfig:
     defaults = ModelConfig()
     if family == "deberta-v2":
         hf = {**DEBERTA_DEFAULTS, **hf}
+    if family == "modernbert":
+        hf = {**MODERNBERT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     values = {
         ours: hf.get(theirs, getattr(defaults, ours))
         for ours, theirs in CONFIG_FIELDS[family].items()
     }
     if values["pad_token_id"] is None:
         values["pad_token_id"] = 0
-    values["head_act"] = values["hidden_act"]
+    values.setdefault("head_act", values["hidden_act"])
     if family == "roberta":
         values.update(head_act="gelu", position_offset=values["pad_token_id"] + 1)
     if family == "distilbert":
         values.update(type_vocab_size=0, layer_norm_eps=1e-12)
     if family == "deberta-v2":
         values.update(_deberta_from_hf(hf, values["hidden_size"], values["num_heads"]))
+    if family == "modernbert":
+        values.update(_modernbert_from_hf(hf), type_vocab_size=0)
     return ModelConfig(family=family, **values)
+
+
+def _modernbert_from_hf(hf: dict) -> dict:
+    """ModernBERT's layer pattern and RoPE bases from either form config.json takes: transformers
+    5's layer_types and rope_parameters, or the released checkpoints' global_attn_every_n_layers and
+    global/local_rope_theta. As in transformers, the first form wins where both are given."""
+    n = hf["global_attn_every_n_layers"]
+    ours = {v: k for k, v in LAYER_TYPES.items()}
+    if hf.get("layer_types"):
+        unknown = set(hf["layer_types"]) - set(ours)
+        if unknown:
+            raise UnsupportedModelError(
+                f"layer_types {sorted(unknown)} are not supported; mlm runs "
+                f"{' and '.join(LAYER_TYPES.values())} layers"
+            )
+        layer_types = tuple(ours[t] for t in hf["layer_types"])
+    else:
+        layer_types = tuple("local" if i % n else "global" for i in range(hf["num_hidden_layers"]))
+    theta = {"global": hf["global_rope_theta"], "local": hf["local_rope_theta"]}
+    for kind, name in LAYER_TYPES.items():
+        rope = (hf.get("rope_parameters") or {}).get(name) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(
+                f"rope_type {rope['rope_type']!r} ({name}) is not supported; "
+                "mlm runs the default RoPE"
+            )
+        theta[kind] = rope.get("rope_theta", theta[kind])
+    return dict(
+        layer_types=layer_types,
+        global_rope_theta=theta["global"],
+        local_rope_theta=theta["local"],
+        global_attn_every_n_layers=n,
+    )
 
 
 def _deberta_from_hf(hf: dict, hidden: int, heads: int) -> dict:
@@ -111,8 +157,9 @@ def _deberta_from_hf(hf: dict, hidden: int, heads: int) -> dict:
     )
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """Our ModelConfig as a `config.json` dict that `transformers.AutoConfig` reads."""
+def config_to_hf(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> dict:
+    """Our ModelConfig as a `config.json` dict that `transformers.AutoConfig` reads; a ModernBERT's
+    carries the special-token ids of the tokenizer saved with it."""
     out = {"architectures": [ARCHITECTURE[cfg.family]], "model_type": cfg.family}
     out.update({theirs: getattr(cfg, ours) for ours, theirs in CONFIG_FIELDS[cfg.family].items()})
     out["tie_word_embeddings"] = True
@@ -127,9 +174,57 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             norm_rel_ebd="layer_norm" if cfg.norm_relative else "none",
             embedding_size=cfg.embedding_size,
         )
+    elif cfg.family == "modernbert":
+        out.update(_modernbert_to_hf(cfg, tokenizer))
     else:
         out["position_embedding_type"] = "absolute"
     return out
+
+
+def _modernbert_to_hf(cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict:
+    """Both forms of the layer pattern and RoPE bases: transformers 5 reads layer_types and
+    rope_parameters, 4.48 to 4.57 only global_attn_every_n_layers and the thetas."""
+    out = {
+        "layer_types": [LAYER_TYPES[t] for t in cfg.layer_types],
+        "rope_parameters": {
+            LAYER_TYPES["global"]: {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
+            LAYER_TYPES["local"]: {"rope_type": "default", "rope_theta": cfg.local_rope_theta},
+        },
+        "global_rope_theta": cfg.global_rope_theta,
+        "local_rope_theta": cfg.local_rope_theta,
+    }
+    periodic = next(
+        (
+            n
+            for n in range(1, cfg.num_layers + 1)
+            if cfg.layer_types
+            == tuple("local" if i % n else "global" for i in range(cfg.num_layers))
+        ),
+        None,
+    )
+    if periodic is None:
+        log.warning(
+            "layer_types %s is not every n-th layer global: transformers 4 cannot read this "
+            "config.json (it knows only global_attn_every_n_layers)",
+            "".join(t[0] for t in cfg.layer_types),
+        )
+    else:
+        out["global_attn_every_n_layers"] = periodic
+    ids = {"pad": cfg.pad_token_id, "cls": cfg.cls_token_id, "sep": cfg.sep_token_id}
+    if tokenizer is not None:
+        ids = {
+            "pad": tokenizer.pad_token_id,
+            "cls": tokenizer.cls_token_id,
+            "sep": tokenizer.sep_token_id,
+        }
+    return {
+        **out,
+        "pad_token_id": ids["pad"],
+        "cls_token_id": ids["cls"],
+        "bos_token_id": ids["cls"],
+        "sep_token_id": ids["sep"],
+        "eos_token_id": ids["sep"],
+    }
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -381,5 +476,5 @@ def save_pretrained(model: MaskedLM, tokenizer: Tokenizer | None, path: str | os
     if tokenizer is not None:
         tokenizer.save(folder)
     dtype = next(model.parameters()).dtype
-    config = {**config_to_hf(model.config), "dtype": str(dtype).removeprefix("torch.")}
+    config = {**config_to_hf(model.config, tokenizer), "dtype": str(dtype).removeprefix("torch.")}
     atomic_write(folder / "config.json", json.dumps(config, indent=2, sort_keys=True))

@@ -192,23 +192,59 @@ DEBERTA_V2_KEYS = {
 # by ModelConfig.legacy_head
 DEBERTA_HEADS = {True: "cls.predictions.", False: "lm_predictions.lm_head."}
 
+# Biases exist only where config.json switches them on (norm_bias, attention_bias, mlp_bias,
+# classifier_bias, decoder_bias); layer 0 has no attn_norm. Keys our model lacks are skipped.
+MODERNBERT_KEYS = {
+    "{base}embeddings.tok_embeddings.weight": "encoder.embeddings.word.weight",
+    "{base}embeddings.norm.weight": "encoder.embeddings.norm.weight",
+    "{base}embeddings.norm.bias": "encoder.embeddings.norm.bias",
+    "{base}layers.{i}.attn_norm.weight": "encoder.blocks.{i}.attn_norm.weight",
+    "{base}layers.{i}.attn_norm.bias": "encoder.blocks.{i}.attn_norm.bias",
+    "{base}layers.{i}.attn.Wqkv.weight": "encoder.blocks.{i}.attn.qkv.weight",
+    "{base}layers.{i}.attn.Wqkv.bias": "encoder.blocks.{i}.attn.qkv.bias",
+    "{base}layers.{i}.attn.Wo.weight": "encoder.blocks.{i}.attn.proj.weight",
+    "{base}layers.{i}.attn.Wo.bias": "encoder.blocks.{i}.attn.proj.bias",
+    "{base}layers.{i}.mlp_norm.weight": "encoder.blocks.{i}.mlp_norm.weight",
+    "{base}layers.{i}.mlp_norm.bias": "encoder.blocks.{i}.mlp_norm.bias",
+    "{base}layers.{i}.mlp.Wi.weight": "encoder.blocks.{i}.fc1.weight",
+    "{base}layers.{i}.mlp.Wi.bias": "encoder.blocks.{i}.fc1.bias",
+    "{base}layers.{i}.mlp.Wo.weight": "encoder.blocks.{i}.fc2.weight",
+    "{base}layers.{i}.mlp.Wo.bias": "encoder.blocks.{i}.fc2.bias",
+    "{base}final_norm.weight": "encoder.final_norm.weight",
+    "{base}final_norm.bias": "encoder.final_norm.bias",
+    # RoPE's frequencies: buffers, recomputed from config.json's thetas
+    "{base}rotary_emb.full_attention_inv_freq": None,
+    "{base}rotary_emb.full_attention_original_inv_freq": None,
+    "{base}rotary_emb.sliding_attention_inv_freq": None,
+    "{base}rotary_emb.sliding_attention_original_inv_freq": None,
+    "head.dense.weight": "head.dense.weight",
+    "head.dense.bias": "head.dense.bias",
+    "head.norm.weight": "head.norm.weight",
+    "head.norm.bias": "head.norm.bias",
+    "decoder.weight": None,  # tied to the word embeddings
+    "decoder.bias": "head.decoder.bias",
+}
+
 KEYS = {
     "bert": BERT_KEYS,
     "roberta": ROBERTA_KEYS,
     "distilbert": DISTILBERT_KEYS,
     "deberta-v2": DEBERTA_V2_KEYS,
+    "modernbert": MODERNBERT_KEYS,
 }
 BASE = {
     "bert": "bert.",
     "roberta": "roberta.",
     "distilbert": "distilbert.",
     "deberta-v2": "deberta.",
+    "modernbert": "model.",
 }
 ARCHITECTURE = {
     "bert": "BertForMaskedLM",
     "roberta": "RobertaForMaskedLM",
     "distilbert": "DistilBertForMaskedLM",
     "deberta-v2": "DebertaV2ForMaskedLM",
+    "modernbert": "ModernBertForMaskedLM",
 }
 
 # HF config.json <-> ModelConfig. BERT and RoBERTa share field names; DistilBERT has its own.
@@ -240,6 +276,32 @@ CONFIG_FIELDS = {
         # + embedding_size, pos_att_type (position_terms) and norm_rel_ebd, which change form
         # (config_from_hf)
     },
+    "modernbert": {
+        "vocab_size": "vocab_size",
+        "hidden_size": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "num_heads": "num_attention_heads",
+        "intermediate_size": "intermediate_size",
+        "max_position_embeddings": "max_position_embeddings",
+        "hidden_act": "hidden_activation",
+        "head_act": "classifier_activation",
+        "layer_norm_eps": "norm_eps",
+        "pad_token_id": "pad_token_id",
+        "cls_token_id": "cls_token_id",
+        "sep_token_id": "sep_token_id",
+        "hidden_dropout": "mlp_dropout",
+        "attention_dropout": "attention_dropout",
+        "embedding_dropout": "embedding_dropout",
+        "initializer_range": "initializer_range",
+        "initializer_cutoff_factor": "initializer_cutoff_factor",
+        "local_attention": "local_attention",
+        "norm_bias": "norm_bias",
+        "attention_bias": "attention_bias",
+        "mlp_bias": "mlp_bias",
+        "classifier_bias": "classifier_bias",
+        "decoder_bias": "decoder_bias",
+        # + layer_types and the rope thetas, in either of two forms (config_from_hf)
+    },
     "distilbert": {
         "vocab_size": "vocab_size",
         "hidden_size": "dim",
@@ -269,3 +331,35 @@ DEBERTA_DEFAULTS = {
     "legacy": True,
     "conv_kernel_size": 0,
 }
+
+# What transformers' ModernBertConfig assumes for a field config.json leaves out.
+MODERNBERT_DEFAULTS = {
+    "vocab_size": 50368,
+    "hidden_size": 768,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 12,
+    "intermediate_size": 1152,
+    "max_position_embeddings": 8192,
+    "hidden_activation": "gelu",
+    "classifier_activation": "gelu",
+    "norm_eps": 1e-5,
+    "pad_token_id": 50283,
+    "cls_token_id": 50281,
+    "sep_token_id": 50282,
+    "mlp_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "embedding_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_cutoff_factor": 2.0,
+    "local_attention": 128,
+    "norm_bias": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "classifier_bias": False,
+    "decoder_bias": True,
+    "global_attn_every_n_layers": 3,
+    "global_rope_theta": 160000.0,
+    "local_rope_theta": 10000.0,
+}
+# transformers 5's names of the two kinds of layer, in layer_types and rope_parameters.
+LAYER_TYPES = {"global": "full_attention", "local": "sliding_attention"}

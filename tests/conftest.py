@@ -100,6 +100,69 @@ def _trained_tokenizer(kind: str):
     return RobertaTokenizer(vocab=model["vocab"], merges=merges)
 
 
+MODERNBERT_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+
+
+def modernbert_tokenizer():
+    """ModernBERT's layout at a small size: byte-level BPE with no prefix space, the special tokens
+    after the pieces, a [MASK] that takes the space before it (lstrip), [CLS] ... [SEP]."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(stdlib_docstrings(), trainer)
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False, lstrip=t == "[MASK]")
+            for t in MODERNBERT_SPECIALS
+        ]
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+    )
+
+
+# ModernBERT's switches at a tiny size: global every second layer, a window of +-4 (shorter than the
+# test texts), no biases but the decoder's, two RoPE bases.
+MODERNBERT_LIKE = dict(
+    hidden_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=40,
+    global_attn_every_n_layers=2,
+    local_attention=8,
+    global_rope_theta=160000.0,
+    local_rope_theta=10000.0,
+    initializer_range=0.1,
+)
+
+
 @functools.cache
 def _spm_model() -> bytes:
     """A small SentencePiece unigram model with DeBERTa's layout: [PAD] [CLS] [SEP] [UNK], then the
@@ -173,6 +236,8 @@ def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) ->
         DebertaV2ForMaskedLM,
         DistilBertConfig,
         DistilBertForMaskedLM,
+        ModernBertConfig,
+        ModernBertForMaskedLM,
         RobertaConfig,
         RobertaForMaskedLM,
     )
@@ -180,6 +245,9 @@ def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) ->
     if family == "deberta-v2":
         vocab = write_spm_tokenizer(folder)
         tokenizer = None
+    elif family == "modernbert":
+        tokenizer = modernbert_tokenizer()
+        vocab = len(tokenizer)
     else:
         tokenizer = _trained_tokenizer("bpe" if family == "roberta" else "wordpiece")
         vocab = len(tokenizer)
@@ -187,6 +255,14 @@ def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) ->
     if family == "deberta-v2":
         cfg = dict(vocab_size=vocab + EXTRA_ROWS, **DEBERTA_V3_LIKE)
         model = DebertaV2ForMaskedLM(DebertaV2Config(**{**cfg, **overrides}))
+    elif family == "modernbert":
+        ids = {
+            f"{role}_token_id": tokenizer.convert_tokens_to_ids(f"[{role.upper()}]")
+            for role in ("pad", "cls", "sep")
+        }
+        ids.update(bos_token_id=ids["cls_token_id"], eos_token_id=ids["sep_token_id"])
+        cfg = dict(vocab_size=vocab + EXTRA_ROWS, **MODERNBERT_LIKE, **ids)
+        model = ModernBertForMaskedLM(ModernBertConfig(**{**cfg, **overrides}))
     elif family == "bert":
         cfg = dict(
             vocab_size=vocab,
@@ -228,7 +304,9 @@ def make_hf_checkpoint(family: str, folder: Path, seed: int = 0, **overrides) ->
     # them.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+            if any(n in name for n in ("LayerNorm", "layer_norm", "norm.")) or name.endswith(
+                "bias"
+            ):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     if tokenizer is not None:

@@ -44,3 +44,21 @@ def test_toml_layer_splits_the_model_table_and_refuses_unknown_keys(tmp_path):
         read_toml(str(bad), {"lr", "max_steps"}, "X")
     with pytest.raises(ConfigError, match="cannot read --config"):
         read_toml(str(tmp_path / "missing.toml"), set(), "X")
+
+
+def test_every_train_flag_has_its_fields_comment_as_help(capsys):
+    """train.py --help explains each of its ~90 flags with the comment beside the field."""
+    import dataclasses
+
+    from mlm.config import TrainConfig, parse_config
+    from mlm.model import ModelConfig
+    from mlm.settings import field_comments
+
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    comments = {**field_comments(ModelConfig), **field_comments(TrainConfig)}
+    names = [f.name for c in (ModelConfig, TrainConfig) for f in dataclasses.fields(c) if f.init]
+    for name in set(names) - {"model", "preset"}:
+        assert name in comments, f"{name} has no comment to show as its help"
+        assert "".join(comments[name].split()) in shown, name

@@ -277,7 +277,8 @@ def test_a_bad_model_setting_is_refused_before_any_work(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: unknown model family 'nope'; use one of bert, roberta, distilbert, deberta-v2"
+        "error: unknown model family 'nope'; use one of bert, roberta, distilbert, deberta-v2, "
+        "modernbert"
     ]
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 

@@ -1,8 +1,10 @@
 """ModelConfig: one dataclass for every family, each field with the reason it exists.
 
 What differs between BERT, RoBERTa and DistilBERT is a field here; DeBERTa's disentangled attention
-has a section of its own. Derived settings are resolved once, in __post_init__: an `embedding_size`
-of 0 is the hidden size, and the families without relative positions have no position terms."""
+and ModernBERT's rotary, local attention have sections of their own. Derived settings are resolved
+once, in __post_init__: an `embedding_size` of 0 is the hidden size, the families without relative
+positions have no position terms, ModernBERT's layer types follow from
+global_attn_every_n_layers."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 from mlm.errors import ConfigError
 
-FAMILIES = ("bert", "roberta", "distilbert", "deberta-v2")
+FAMILIES = ("bert", "roberta", "distilbert", "deberta-v2", "modernbert")
 # the names the CLIs take
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACTIVATIONS = {
@@ -27,6 +29,25 @@ ACTIVATIONS = {
     "swish": F.silu,
 }
 POSITION_TERMS = ("c2p", "p2c")  # DeBERTa: content-to-position, position-to-content
+# A family's own settings for a model trained from scratch, over ModelConfig's defaults (BERT's); a
+# checkpoint brings its config.json instead. ModernBERT's are ModernBERT-base's shape and recipe.
+FROM_SCRATCH = {
+    "deberta-v2": dict(type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7),
+    "modernbert": dict(
+        type_vocab_size=0,
+        num_layers=22,
+        intermediate_size=1152,
+        max_position_embeddings=8192,
+        layer_norm_eps=1e-5,
+        norm_bias=False,
+        attention_bias=False,
+        mlp_bias=False,
+        classifier_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        embedding_dropout=0.0,
+    ),
+}
 
 
 @dataclass
@@ -56,6 +77,7 @@ class ModelConfig:
     varlen: bool = False
     # DeBERTa-v2/v3 (family "deberta-v2"), defaults as in v3; the BERT families keep the first two
     # as they are.
+
     # word-embedding width when narrower than hidden_size (projected up); 0 = hidden_size
     embedding_size: int = 0
     # add absolute position embeddings; v3 has relative positions only
@@ -71,6 +93,23 @@ class ModelConfig:
     norm_relative: bool = True
     # the MLM head's HF names: cls.predictions.* (legacy) or lm_predictions.lm_head.*
     legacy_head: bool = True
+    # ModernBERT (family "modernbert"). The BERT families keep the biases: they have them all.
+
+    # "global" or "local", per layer; () = from global_attn_every_n_layers
+    layer_types: tuple[str, ...] = ()
+    global_attn_every_n_layers: int = 3  # layer l is global when l % n == 0, the others local
+    local_attention: int = 128  # a local layer's window: local_attention // 2 on each side
+    global_rope_theta: float = 160_000.0  # RoPE's base in the global layers
+    local_rope_theta: float = 10_000.0  # and in the local ones
+    embedding_dropout: float = 0.0  # after the embeddings' norm (hidden_dropout is the MLP's)
+    norm_bias: bool = True  # LayerNorms with a bias; ModernBERT's have none
+    attention_bias: bool = True  # Wqkv and Wo with biases
+    mlp_bias: bool = True  # the GeGLU's two linear layers with biases
+    classifier_bias: bool = True  # the head's dense layer with a bias
+    decoder_bias: bool = True  # the decoder's own bias (ModernBERT keeps it)
+    initializer_cutoff_factor: float = 2.0  # from scratch: normals truncated at +-factor x std
+    cls_token_id: int = 50281  # config.json's cls/bos id (a tokenizer saved with the model wins)
+    sep_token_id: int = 50282  # and its sep/eos id
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -89,6 +128,16 @@ class ModelConfig:
                     f"{', '.join(ACTIVATIONS)}"
                 )
         self.embedding_size = self.embedding_size or self.hidden_size
+        if self.family == "modernbert":
+            self._check_modernbert()
+        elif not (
+            self.norm_bias and self.attention_bias and self.mlp_bias and self.classifier_bias
+        ):
+            raise ConfigError(
+                "norm_bias, attention_bias, mlp_bias and classifier_bias off are ModernBERT's; "
+                f"{self.family} "
+                "has every bias: use family modernbert or drop them"
+            )
         if self.family != "deberta-v2":
             if not self.position_biased_input or self.embedding_size != self.hidden_size:
                 raise ConfigError(
@@ -113,6 +162,31 @@ class ModelConfig:
                 "varlen is not supported for deberta-v2: its position bias needs the padded (B, T, "
                 "T) "
                 "layout; drop --varlen (document attention works without it)"
+            )
+
+    def _check_modernbert(self) -> None:
+        if not self.layer_types:
+            n = self.global_attn_every_n_layers
+            if n < 1:
+                raise ConfigError(f"global_attn_every_n_layers must be at least 1, not {n}")
+            self.layer_types = tuple("local" if i % n else "global" for i in range(self.num_layers))
+        self.layer_types = tuple(self.layer_types)
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"global", "local"}:
+            raise ConfigError(
+                f"layer_types must name global or local for each of the {self.num_layers} layers, "
+                f"not {' '.join(self.layer_types)!r}"
+            )
+        if self.local_attention < 2 or self.local_attention % 2:
+            raise ConfigError(
+                f"local_attention must be an even window of 2 or more, not {self.local_attention}"
+            )
+        if (
+            self.embedding_size != self.hidden_size
+            or self.position_offset
+            or not self.position_biased_input
+        ):
+            raise ConfigError(
+                "embedding_size, position_offset and position_biased_input are not ModernBERT's"
             )
 
     @property

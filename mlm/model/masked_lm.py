@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mlm.errors import InputError
 from mlm.masking import IGNORE_INDEX
-from mlm.model import bert, deberta
+from mlm.model import bert, deberta, modernbert
 from mlm.model.config import ACTIVATIONS, ModelConfig
 
 ENCODERS = {
@@ -27,16 +27,17 @@ ENCODERS = {
     "roberta": bert.Encoder,
     "distilbert": bert.Encoder,
     "deberta-v2": deberta.Encoder,
+    "modernbert": modernbert.Encoder,
 }
 
 
 class Decoder(nn.Module):
     """logits = h W^T + b: W the word embeddings, handed in at each call (the tie), b the decoder's
-    own bias."""
+    own bias (none where the config says so)."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, bias: bool = True):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(h, weight, self.bias)  # (..., V)
@@ -58,10 +59,10 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.embedding_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.embedding_size, bias=cfg.classifier_bias)
         self.act = ACTIVATIONS[cfg.head_act]
-        self.norm = nn.LayerNorm(cfg.embedding_size, eps=cfg.layer_norm_eps)
-        self.decoder = Decoder(cfg.vocab_size)
+        self.norm = nn.LayerNorm(cfg.embedding_size, eps=cfg.layer_norm_eps, bias=cfg.norm_bias)
+        self.decoder = Decoder(cfg.vocab_size, bias=cfg.decoder_bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The transform: (..., C) -> (..., E), ready for the decoder."""
@@ -81,6 +82,8 @@ class MaskedLM(nn.Module):
         self.encoder = ENCODERS[cfg.family](cfg)
         self.head = MLMHead(cfg)
         self.apply(self._init_weights)
+        if cfg.family == "modernbert":
+            modernbert.init_weights(self)
 
     def _init_weights(self, module: nn.Module) -> None:
         # BERT's initialisation: N(0, 0.02) for matrices and embeddings, zero biases, LayerNorm =
@@ -94,7 +97,8 @@ class MaskedLM(nn.Module):
                 module.weight[module.padding_idx].zero_()
         if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
