@@ -59,6 +59,7 @@ from mlm.hf import load_model
 from mlm.masking import IGNORE_INDEX
 from mlm.meter import Meter
 from mlm.model import DTYPES, MaskedLM, ModelConfig
+from mlm.model.config import FROM_SCRATCH
 from mlm.pipeline import (
     DataPlan,
     Masking,
@@ -80,22 +81,17 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MaskedLM:
                 f"the tokenizer in {cfg.init} has more tokens than the model's embedding table"
             )
     else:
-        fields = dict(cfg.model)
-        family = fields.pop("family", FAMILY_OF_TOKENIZER[tokenizer.kind])
-        fields.update(
-            vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, family=family
-        )
-        if family == "roberta":
+        family = cfg.model.get("family") or FAMILY_OF_TOKENIZER[tokenizer.kind]
+        fields = {**FROM_SCRATCH.get(family, {}), **cfg.model, "family": family}  # the family's own
+        fields.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id)
+        if family == "roberta":  # positions numbered from pad + 1, within the blocks it trains on
             fields.setdefault("position_offset", tokenizer.pad_token_id + 1)
             fields.setdefault(
                 "max_position_embeddings", cfg.block_size + tokenizer.pad_token_id + 1
             )
             fields.setdefault("type_vocab_size", 1)
-        if family == "deberta-v2":  # v3's shape: relative positions only, no token types
-            for name, value in dict(
-                type_vocab_size=0, position_biased_input=False, layer_norm_eps=1e-7
-            ).items():
-                fields.setdefault(name, value)
+        if family == "modernbert":  # what config.json says of the tokenizer
+            fields.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
         model = MaskedLM(ModelConfig(**fields))
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
@@ -112,8 +108,8 @@ def param_groups(model: MaskedLM, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr at `step`: linear warmup, then linear or cosine decay to 0 (or
-    constant)."""
+    """Multiplier of the peak lr at `step`: linear warmup, then linear or cosine decay to 0,
+    constant, or warmup-stable-decay (wsd: constant, then 1 - sqrt over the last `decay` steps)."""
     warmup = int(cfg.warmup if cfg.warmup >= 1 else cfg.warmup * cfg.max_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -122,6 +118,10 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if cfg.schedule == "linear":
         return 1.0 - progress
+    if cfg.schedule == "wsd":
+        decay = max(1, int(cfg.decay if cfg.decay >= 1 else cfg.decay * cfg.max_steps))
+        start = cfg.max_steps - decay
+        return 1.0 if step < start else 1.0 - math.sqrt(min(1.0, (step - start) / decay))
     return 1.0
 
 

@@ -16,12 +16,21 @@ from dataclasses import dataclass, field
 from mlm.errors import ConfigError
 from mlm.kernels import GEMMS
 from mlm.model import DTYPES, ModelConfig
+from mlm.model.config import FROM_SCRATCH
 from mlm.settings import field_comments, flag_kwargs, read_toml
 
 # for a model from scratch
 FAMILY_OF_TOKENIZER = {"wordpiece": "bert", "bpe": "roberta", "unigram": "deberta-v2"}
+# The tokenizer a family trains when none is given (ModernBERT's byte-level BPE has its own layout).
+KIND_OF_FAMILY = {
+    "bert": "wordpiece",
+    "distilbert": "wordpiece",
+    "roberta": "bpe",
+    "deberta-v2": "unigram",
+    "modernbert": "bpe",
+}
 EVERY_WORDS = ("epoch",)  # what eval_every and save_every take besides a number of steps
-SCHEDULES = ("linear", "cosine", "constant")
+SCHEDULES = ("linear", "cosine", "constant", "wsd")
 
 
 @dataclass
@@ -38,8 +47,9 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # ModelConfig fields for a model from scratch
     # folder whose tokenizer a from-scratch model uses; none: train one on the data
     tokenizer: str | None = None
-    # for a trained tokenizer: wordpiece (BERT), bpe (RoBERTa), unigram (DeBERTa)
-    tokenizer_kind: str = "wordpiece"
+    # for a trained tokenizer: wordpiece (BERT), bpe (RoBERTa, ModernBERT), unigram (DeBERTa); "":
+    # the family's
+    tokenizer_kind: str = ""
     dropout: float | None = None  # overrides every dropout probability of the model
     # masking
     mlm_probability: float = 0.15  # the share of tokens chosen as targets
@@ -60,10 +70,15 @@ class TrainConfig:
     micro_batch_size: int | str = 0
     lr: float = 5e-4  # peak learning rate
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    # the decay per step at the peak, moved by the schedule only, not by lr (ModernBERT's 1e-5);
+    # when set, weight_decay is this / lr (AdamW multiplies the two)
+    decoupled_weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decay rates
     adam_eps: float = 1e-6  # BERT's value
     warmup: float = 0.06  # warmup steps if >= 1, else a fraction of max_steps
-    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    # after warmup: linear | cosine | constant | wsd (constant, then decay)
+    schedule: str = "linear"
+    decay: float = 0.1  # wsd: the last steps, 1 - sqrt(t) down to 0; if >= 1 steps, else a fraction
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     dtype: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
     compile: bool = False  # torch.compile the model
@@ -110,7 +125,7 @@ class TrainConfig:
             "dtype": DTYPES,
             "schedule": SCHEDULES,
             "cpu_gemm": GEMMS,
-            "tokenizer_kind": FAMILY_OF_TOKENIZER,
+            "tokenizer_kind": ("", *FAMILY_OF_TOKENIZER),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -137,9 +152,15 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown model setting(s) {', '.join(sorted(unknown))}; see mlm/model/config.py"
             )
+        # A trained tokenizer is the family's kind unless told; a model from scratch the family of
+        # its tokenizer unless told.
+        family = self.model.get("family") or FAMILY_OF_TOKENIZER.get(self.tokenizer_kind, "bert")
+        self.tokenizer_kind = self.tokenizer_kind or KIND_OF_FAMILY.get(family, "wordpiece")
         # the model's own settings, checked now rather than after a tokenizer is trained
         if not self.init:
-            ModelConfig(**{"family": FAMILY_OF_TOKENIZER[self.tokenizer_kind], **self.model})
+            ModelConfig(**{**FROM_SCRATCH.get(family, {}), "family": family, **self.model})
+        if self.decoupled_weight_decay:
+            self.weight_decay = self.decoupled_weight_decay / self.lr
         # Compiling needs fixed shapes: static masks, so that the head scores a fixed number of rows
         # per block.
         self.static_masking = self.static_masking or self.compile
@@ -238,6 +259,30 @@ PRESETS: dict[str, dict] = {
         save_every="epoch",
         keep_last=1,
         load_best_at_end=True,
+        example="The capital of France is [MASK].",
+    ),
+    # ModernBERT-base from scratch with the paper's recipe (arXiv 2412.13663, and the configs of
+    # AnswerDotAI/ModernBERT): 30% masking (80/10/10); AdamW with betas (0.9, 0.98), eps 1e-6 and a
+    # weight decay of 1e-5 decoupled from the lr; lr 8e-4 with a warmup over 3B tokens (636 steps of
+    # 4,608 x 1,024), constant, then a 1 - sqrt decay (the last 3%, ~50B of 1.7T tokens); packed
+    # 1,024-token sequences; no dropout; transformers' initialisation (mlm/model/modernbert.py).
+    "modernbert": dict(
+        model=dict(family="modernbert", vocab_size=50368),
+        block_size=1024,
+        global_batch_size=4608,
+        lr=8e-4,
+        mlm_probability=0.3,
+        betas=(0.9, 0.98),
+        adam_eps=1e-6,
+        decoupled_weight_decay=1e-5,
+        schedule="wsd",
+        warmup=636,
+        decay=0.03,
+        max_steps=360_000,
+        dropout=0.0,
+        dtype="bf16",
+        eval_every=5000,
+        save_every=5000,
         example="The capital of France is [MASK].",
     ),
 }

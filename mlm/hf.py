@@ -193,15 +193,13 @@ def _modernbert_to_hf(cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict:
         "global_rope_theta": cfg.global_rope_theta,
         "local_rope_theta": cfg.local_rope_theta,
     }
-    periodic = next(
-        (
-            n
-            for n in range(1, cfg.num_layers + 1)
-            if cfg.layer_types
-            == tuple("local" if i % n else "global" for i in range(cfg.num_layers))
-        ),
-        None,
-    )
+
+    def pattern(n: int) -> tuple[str, ...]:
+        return tuple("local" if i % n else "global" for i in range(cfg.num_layers))
+
+    # The config's own n first, else the smallest that makes the same pattern.
+    every = [cfg.global_attn_every_n_layers, *range(1, cfg.num_layers + 1)]
+    periodic = next((n for n in every if n >= 1 and pattern(n) == cfg.layer_types), None)
     if periodic is None:
         log.warning(
             "layer_types %s is not every n-th layer global: transformers 4 cannot read this "

@@ -27,7 +27,7 @@ import torch
 
 from mlm import data as mdata
 from mlm import dataset as mdataset
-from mlm.config import TrainConfig
+from mlm.config import FAMILY_OF_TOKENIZER, TrainConfig
 from mlm.corpus import Corpus, default_corpus
 from mlm.data import Batch, BatchPlan, PackedBlocks
 from mlm.distributed import Dist, agree_min, same_on_every_rank, wait_for_others
@@ -244,6 +244,7 @@ class DataPlan:
     # whether the tokenizer is trained here (when tokenizer_dir has none yet)
     trains_tokenizer: bool
     tokenizer_kind: str
+    family: str  # whose layout a trained tokenizer takes (ModernBERT's byte-level BPE has its own)
     vocab_size: int  # of a trained tokenizer
     # --data, when it is text to read; () for a prepared folder or the default corpus
     corpus: tuple[str, ...]
@@ -268,6 +269,7 @@ class DataPlan:
             tokenizer_dir,
             trains_tokenizer=not (given or prepared),
             tokenizer_kind=cfg.tokenizer_kind,
+            family=cfg.model.get("family") or FAMILY_OF_TOKENIZER[cfg.tokenizer_kind],
             vocab_size=cfg.model.get("vocab_size", 30522),
             corpus=() if prepared else tuple(cfg.data),
             text_field=cfg.text_field,
@@ -289,7 +291,9 @@ class DataPlan:
                 f"{corpus}",
                 file=sys.stderr,
             )
-            tokenizer = train_tokenizer(corpus, self.tokenizer_kind, self.vocab_size)
+            tokenizer = train_tokenizer(
+                corpus, self.tokenizer_kind, self.vocab_size, family=self.family
+            )
             tokenizer.save(self.tokenizer_dir)
         else:
             tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir)

@@ -43,6 +43,10 @@ DEFAULT_SPECIALS = {
     "bpe": {"mask": "<mask>", "pad": "<pad>", "cls": "<s>", "sep": "</s>", "unk": "<unk>"},
     "unigram": {"mask": "[MASK]", "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "unk": "[UNK]"},
 }
+# ModernBERT's byte-level BPE names its special tokens BERT's way.
+MODERNBERT_SPECIALS = DEFAULT_SPECIALS["wordpiece"]
+# The classes that take a tokenizer.json as it is, where the family classes rebuild parts of it.
+GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 # What tokenizer_config.json names, so that AutoTokenizer rebuilds the same pipeline.
 TOKENIZER_CLASSES = {
     "wordpiece": "BertTokenizer",
@@ -176,6 +180,9 @@ class Tokenizer:
         if kind == "unigram":
             kept = SAVE_CONFIG_KEYS
         keep = {k: config[k] for k in kept if k in config}
+        # ModernBERT's: tokenizer.json as it is
+        if config.get("tokenizer_class") in GENERIC_CLASSES:
+            keep["tokenizer_class"] = config["tokenizer_class"]
         return cls(
             backend,
             specials,
@@ -260,7 +267,11 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------- decoding
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        return clean_up_spaces(text) if self.clean_up_tokenization_spaces else text
+        # transformers (5.25) skips the clean-up for byte-level BPE, whose decoder already gives the
+        # text's own spaces back (ModernBERT's tokenizer_config.json asks for it all the same).
+        if self.clean_up_tokenization_spaces and self.kind != "bpe":
+            return clean_up_spaces(text)
+        return text
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
         return [self.backend.id_to_token(int(i)) for i in ids]
@@ -368,6 +379,37 @@ def build_byte_level_bpe(
         add_prefix_space=add_prefix_space,
     )
     return backend
+
+
+def build_modernbert_bpe(
+    vocab: dict[str, int], merges: list[tuple[str, str]]
+) -> tuple[Backend, dict]:
+    """ModernBERT's pipeline over trained pieces: NFC, bytes to printable characters with no prefix
+    space, BPE; the special tokens after the pieces, the [MASK] taking the space before it (lstrip,
+    so that "a [MASK]" predicts the word " x"); [CLS] A [SEP]. Returns the backend and its
+    specials by role."""
+    backend = Backend(
+        models.BPE(
+            vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
+        )
+    )
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = MODERNBERT_SPECIALS
+    backend.add_special_tokens(
+        [
+            AddedToken(specials[role], special=True, normalized=False, lstrip=role == "mask")
+            for role in ("unk", "cls", "sep", "pad", "mask")
+        ]  # ModernBERT's order: [UNK] at 50280
+    )
+    cls_token, sep_token = specials["cls"], specials["sep"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls_token}:0 $A:0 {sep_token}:0",
+        pair=f"{cls_token}:0 $A:0 {sep_token}:0 $B:1 {sep_token}:1",
+        special_tokens=[(t, backend.token_to_id(t)) for t in (cls_token, sep_token)],
+    )
+    return backend, specials
 
 
 def _add_specials(backend: Backend, specials: dict[str, str], *, mask_lstrip: bool) -> None:

@@ -49,7 +49,13 @@ from tokenizers import (
 
 from mlm.errors import ConfigError, DataError
 from mlm.spm import set_deberta_pipeline
-from mlm.tokenizer import DEFAULT_SPECIALS, Tokenizer, build_byte_level_bpe, build_wordpiece
+from mlm.tokenizer import (
+    DEFAULT_SPECIALS,
+    Tokenizer,
+    build_byte_level_bpe,
+    build_modernbert_bpe,
+    build_wordpiece,
+)
 
 SPECIAL_ORDER = {
     "wordpiece": ("pad", "unk", "cls", "sep", "mask"),
@@ -70,9 +76,11 @@ def train_tokenizer(
     *,
     lowercase: bool | None = None,
     min_frequency: int = 2,
+    family: str | None = None,
 ) -> Tokenizer:
     """Train a BERT-style WordPiece, RoBERTa-style byte-level BPE or DeBERTa-style unigram
-    vocabulary.
+    vocabulary; family "modernbert" makes the byte-level BPE ModernBERT's (its special tokens after
+    the pieces, [CLS] ... [SEP]).
 
     vocab_size counts the special tokens and defaults to BERT's 30522, RoBERTa's 50265 or
     DeBERTa-v3's 128000; a small corpus gives fewer. `lowercase` defaults to the family's choice:
@@ -112,11 +120,23 @@ def train_tokenizer(
         first = next(texts, None)
         if first is None:
             raise empty
+        if family == "modernbert":  # the pieces only: the special tokens go after them
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size - len(special_tokens),
+                min_frequency=min_frequency,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
+            backend.normalizer = normalizers.NFC()
         backend.train_from_iterator(itertools.chain([first], texts), trainer)
         trained = json.loads(backend.to_str())["model"]
         merges = [
             tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]
         ]
+        if family == "modernbert":
+            rebuilt, specials = build_modernbert_bpe(trained["vocab"], merges)
+            config = {"add_prefix_space": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+            return Tokenizer(rebuilt, specials, extra_config=config)
         rebuilt = build_byte_level_bpe(trained["vocab"], merges, specials, mask_lstrip=True)
         return Tokenizer(rebuilt, specials, extra_config={"add_prefix_space": False})
 
