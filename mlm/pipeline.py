@@ -279,7 +279,12 @@ class DataPlan:
         )
 
     def dataset_for(self, tokenizer: Tokenizer) -> Path:
-        return self.dataset_dir or mdataset.default_dataset(tokenizer, make=False)
+        return self.dataset_dir or mdataset.default_dataset(tokenizer, make=False, **self.split)
+
+    @property
+    def split(self) -> dict:
+        """What chooses the documents held out for validation."""
+        return {"val_fraction": self.val_fraction, "seed": self.seed}
 
     def carry_out(self, progress: bool) -> Tokenizer:
         """Train the tokenizer (unless there is one) and tokenize the corpus (unless it is
@@ -298,7 +303,7 @@ class DataPlan:
         else:
             tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir)
         if self.dataset_dir is None:
-            mdataset.default_dataset(tokenizer, progress=progress)
+            mdataset.default_dataset(tokenizer, progress=progress, **self.split)
         elif not (self.dataset_dir / "meta.json").is_file():
             mdataset.prepare(
                 self.read_corpus(),

@@ -40,6 +40,13 @@ def pytest_configure(config):
 RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def from_scratch(args) -> list[str]:
+    """train.py's arguments with --preset tiny unless they name a preset: the tests train small
+    models from scratch, not the default recipe (which continues all-MiniLM-L6-v2)."""
+    args = [str(a) for a in args]
+    return args if "--preset" in args else ["--preset", "tiny", *args]
+
+
 # --------------------------------------------------------------------------------------------------
 # Tiny Hugging Face checkpoints, built offline by `transformers` itself, as a user's folder is.
 # --------------------------------------------------------------------------------------------------

@@ -213,6 +213,10 @@ def test_default_dataset_is_made_once_and_reused(tmp_path, bert, monkeypatch):
     first = default_dataset(bert, progress=False)
     assert first.parent == tmp_path / "cache" and first.name.startswith("stdlib-py")
     assert default_dataset(bert, progress=False) == first and len(calls) == 1
+    # another split of the documents is another folder, not the cached one under a wrong name
+    other = default_dataset(bert, progress=False, val_fraction=0.05, seed=1)
+    assert other != first and len(calls) == 2
+    assert load_dataset_meta(other)["splits"] != load_dataset_meta(first)["splits"]
 
 
 # ================================================================================== packing

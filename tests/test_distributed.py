@@ -151,6 +151,7 @@ def test_the_training_step_reads_the_device_once_per_step(dataset, tmp_path, mon
     monkeypatch.setattr(train.Meter, "step", meter_step)
     cfg = train.parse_config(
         [
+            *("--preset", "tiny"),
             "--data",
             str(dataset),
             *TINY,
@@ -175,6 +176,7 @@ def test_a_finished_run_stops_its_prefetch_thread(dataset, tmp_path):
 
     cfg = train.parse_config(
         [
+            *("--preset", "tiny"),
             "--data",
             str(dataset),
             *TINY,
@@ -216,6 +218,7 @@ def test_nodes_with_their_own_disks_each_prepare_the_same_data(dataset, tmp_path
             *"--nproc_per_node=1 --master_addr=127.0.0.1".split(),
             f"--master_port={port}",
             str(ROOT / "train.py"),
+            *("--preset", "tiny"),
             "--data",
             str(corpus),
             "--tokenizer",

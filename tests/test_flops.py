@@ -89,3 +89,31 @@ def test_an_h200_nvl_gets_its_own_peak_not_the_sxm_one(monkeypatch):
         and peak_flops(torch.device("cpu"), "bf16") is None
     )
     assert list(PEAK_TFLOPS).index("H200 NVL") < list(PEAK_TFLOPS).index("H200")
+
+
+def test_modernbert_base_flops_by_hand():
+    # ModernBERT-base: 22 layers x 768, GeGLU of 2 x 1,152, vocabulary 50,368, every third layer
+    # global (8 of 22), the others see the 2 x 64 + 1 keys around each query.
+    base = ModelConfig(
+        family="modernbert",
+        vocab_size=50368,
+        num_layers=22,
+        intermediate_size=1152,
+        global_attn_every_n_layers=3,
+        local_attention=128,
+    )
+    assert base.layer_types.count("global") == 8
+    # Matmul parameters: 22 x (4 x 768^2 + 3 x 768 x 1152) = 110,297,088 in the blocks and
+    # 768^2 + 768 x 50368 = 39,272,448 in the head, 6 training FLOPs each per token.
+    weights = 6 * (110_297_088 + 39_272_448)
+    # At T = 128 the window (129 keys) is wider than the sequence: all 22 layers see 128 keys.
+    assert model_flops_per_token(base, 128, True) == weights + 3 * 2 * 768 * 22 * 2 * 128
+    # At T = 1,024: the 8 global layers see 1,024 keys, the 14 local ones 129.
+    local = 3 * 2 * 768 * (8 * 2 * 1024 + 14 * 2 * 129)
+    assert model_flops_per_token(base, 1024, True) == weights + local
+    # transformers scores every key in its local layers (a masked band); mlm chunks of 64 queries
+    # against 192 keys.
+    everything = 3 * 2 * 768 * 22 * 2 * 1024
+    assert hardware_flops_per_token(base, 1024, True, 1.0) == weights + everything
+    chunked = 3 * 2 * 768 * (8 * 2 * 1024 + 14 * 2 * 192)
+    assert hardware_flops_per_token(base, 1024, True, 1.0, local_keys=192) == weights + chunked

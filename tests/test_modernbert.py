@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXTRA_ROWS, MODERNBERT_SPECIALS, RUN_ENV, make_hf_checkpoint, stdlib_docstrings
+from conftest import (
+    EXTRA_ROWS,
+    MODERNBERT_SPECIALS,
+    RUN_ENV,
+    from_scratch,
+    make_hf_checkpoint,
+    stdlib_docstrings,
+)
 from safetensors.torch import load_file
 from test_fill_mask import assert_same_result
 from torch.testing import assert_close
@@ -453,7 +460,7 @@ def test_initialisation_is_transformers_truncated_normal():
 
 # ------------------------------------------------------------------------------------- training
 def run_train(*args, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    cmd = [sys.executable, str(ROOT / "train.py"), *from_scratch(args)]
     return subprocess.run(
         cmd, cwd=ROOT, env=RUN_ENV, capture_output=True, text=True, timeout=timeout
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_ENV
+from conftest import RUN_ENV, from_scratch
 from test_train import (
     ROOT,
     TINY,
@@ -81,7 +81,7 @@ def command(*args, nproc: int = 1, harness: Path | None = None) -> list[str]:
             f"--master_port={free_port()}",
         ]
     script = [str(harness), str(ROOT / "train.py")] if harness else [str(ROOT / "train.py")]
-    return launcher + script + [str(a) for a in args]
+    return launcher + script + from_scratch(args)
 
 
 def run(
@@ -378,7 +378,7 @@ def launch_two_ranks(args: list, tmp_path: Path) -> list[subprocess.Popen]:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+                [sys.executable, str(ROOT / "train.py"), *from_scratch(args)],
                 cwd=ROOT,
                 env=rank_env,
                 stdout=subprocess.PIPE,

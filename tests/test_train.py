@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_ENV, stdlib_docstrings
+from conftest import RUN_ENV, from_scratch, stdlib_docstrings
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, pipeline
 
@@ -42,7 +42,7 @@ def train_cmd(*args, nproc: int = 1) -> list[str]:
             "--master_addr=127.0.0.1",
             f"--master_port={free_port()}",
         ]
-    return launcher + [str(ROOT / "train.py"), *map(str, args)]
+    return launcher + [str(ROOT / "train.py"), *from_scratch(args)]
 
 
 def run_train(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -233,10 +233,22 @@ def test_metrics_checkpoints_and_exports(dataset, tmp_path):
     for folder in ("final", "best"):
         model, tokenizer = mlm.load_pretrained(out / folder)
         assert tokenizer.vocab_size == model.config.vocab_size
-    # the closing fill-mask example: the prompt, then 5 fillings
-    example = result.stdout.strip().splitlines()
-    assert example[0] == "Return a [MASK] of the items in the list." and len(example) == 6
-    assert all(line.split(maxsplit=1)[1].startswith("return a") for line in example[1:])
+    # The closing summary: perplexity before and after, then the example's top 5 before training
+    # (logged at step 0) beside the final model's.
+    lines = result.stdout.strip().splitlines()
+    first, last = evals[0]["val_ppl"], evals[-1]["val_ppl"]
+    assert lines[0].startswith("validation perplexity")
+    assert f"{first:,.2f} at step 0 -> {last:,.2f} at step 8" in lines[0]
+    text = "Return a [MASK] of the items in the list."
+    at = lines.index(text)
+    assert lines[at + 1].split() == ["before", "training", "after", "8", "steps"]
+    before = next(r["example"] for r in rows if "example" in r)
+    after = mlm.fill_mask(*mlm.load_pretrained(out / "final"), text, top_k=5)
+    table = [line.split() for line in lines[at + 2 :]]
+    assert len(table) == 5
+    assert [t[0] for t in table] == [c["token_str"] for c in before]
+    assert [t[2] for t in table] == [c["token_str"] for c in after]
+    assert [float(t[3]) for t in table] == [round(c["score"], 3) for c in after]
 
 
 BAD_INPUT = [
