@@ -97,3 +97,27 @@ def test_install_is_from_outside_and_leaves_the_plain_model_plain(hf_checkpoints
     )
     installed = load_model(hf_checkpoints["bert"])  # kernels=True by default
     assert any(type(m).__module__.startswith("mlm.kernels") for m in installed.modules())
+
+
+@pytest.mark.skipif(cpu_linear._op is None, reason="this torch build has no oneDNN linear op")
+def test_the_decoder_uses_the_chosen_gemm_for_training_and_for_logits(hf_checkpoints):
+    """cpu_gemm="onednn" reaches every product of the model, the decoder's too (the largest one):
+    the loss's logits and the full (B, T, V) logits of inference, fp32 on the CPU."""
+    model = load_model(hf_checkpoints["bert"], kernels=False)
+    install(model, "cpu", cpu_gemm="onednn")
+    calls = []
+
+    def counted(x, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return cpu_linear.linear(x, weight, bias)
+
+    decoder = model.head.decoder
+    assert decoder.linear is cpu_linear.linear
+    decoder.linear = counted
+    ids, attention, labels = batch(model.config)
+    vocab = (model.config.vocab_size, model.config.embedding_size)
+    with torch.no_grad():
+        model.eval()(ids, attention)
+    assert calls == [vocab]
+    model.train()(ids, attention, labels=labels).backward()
+    assert calls == [vocab, vocab]

@@ -9,17 +9,19 @@ still in cache, and its logits go straight into their columns of the one (M, V) 
 (the same bf16 operands, fp32 accumulation); only the matmul's blocking follows the slices, so a
 logit can differ from the reference's in its last bf16 bit.
 
-`vocab_logits` is `vocab_logits_ref` (`F.linear`) wherever this does not apply: without CPU autocast
-(an fp32 weight needs no cast), while autograd records (training scores the labelled rows through
-linear_cross_entropy), inside torch.compile, and for vocabularies under MIN_WORDS. Below that the
-table's cast is cheap enough that autocast's own way can be the faster: within one autocast context
-autocast keeps the cast of a weight that requires grad, and later calls skip it (BENCHMARKS.md,
-"DeBERTa-v3").
+`vocab_logits` is its `linear` argument (`vocab_logits_ref`, `F.linear`, unless the decoder passes
+the GEMM `install` chose) wherever this does not apply: without CPU autocast (an fp32 weight needs
+no cast), while autograd records (training scores the labelled rows through linear_cross_entropy),
+inside torch.compile, and for vocabularies under MIN_WORDS. Below that the table's cast is cheap
+enough that autocast's own way can be the faster: within one autocast context autocast keeps the
+cast of a weight that requires grad, and later calls skip it (BENCHMARKS.md, "DeBERTa-v3").
 
 Shapes: x (..., C), weight (V, C), bias (V,) -> (..., V).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +48,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def vocab_logits(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    linear: Callable = vocab_logits_ref,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` under CPU autocast: x (..., C), weight (V, C), bias (V,) -> (...,
-    V)."""
+    V). Where the sliced path does not apply, `linear` computes it: F.linear, or the GEMM that
+    `install` chose for the linear layers (oneDNN's fp32 one on AMD CPUs: the decoder is the
+    largest of the model's products)."""
     if not applies(x, weight, bias):
-        return vocab_logits_ref(x, weight, bias)
+        return linear(x, weight, bias)
     dtype = torch.get_autocast_dtype("cpu")
     rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, C)
     V = weight.shape[0]

@@ -27,12 +27,12 @@ from .linear_cross_entropy import linear_cross_entropy
 
 class FastDecoder(Decoder):
     use_triton: bool = False  # the fused loss (CUDA, or Triton's interpreter when asked for)
-    linear: Callable = F.linear  # the reference loss's logits
+    linear: Callable = F.linear  # the GEMM of the logits outside the sliced path and the loss
     # a tuple, so the lookup is not registered twice (the state dict has it once)
     tied: tuple[TiedLookup, ...] = ()
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return vocab_logits(h, weight, self.bias)
+        return vocab_logits(h, weight, self.bias, linear=self.linear)
 
     def loss(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.tied:
