@@ -464,7 +464,8 @@ def export_and_show(run: Run) -> None:
         file=sys.stderr,
     )
     after = report.top_k(model, run.tokenizer, cfg.example) if cfg.example else []
-    print(report.before_and_after(run.folder.records(), cfg.example, after, run.progress.step))
+    shown = run.progress.best_step if model is not run.model else run.progress.step  # best/'s
+    print(report.before_and_after(run.folder.records(), cfg.example, after, shown))
 
 
 if __name__ == "__main__":

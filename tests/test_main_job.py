@@ -102,3 +102,29 @@ def test_the_default_recipe_learns_words_that_fit(minilm_dir, tmp_path):
         answers = [c["token_str"] for c in mlm.fill_mask(model, tokenizer, text, top_k=5)]
         assert not STOP & set(answers[:3]), (text, answers)
         assert fitting & set(answers), (text, answers)
+
+
+def test_the_head_learns_at_head_lr_and_every_parameter_is_in_a_group(minilm_dir):
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import train
+    from mlm.hf import load_model
+
+    cfg = parse_config([])
+    model = load_model(minilm_dir, kernels=False)
+    groups = train.param_groups(model, cfg)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len(list(model.parameters())) == len(set(map(id, grouped)))
+    head = {id(p) for p in model.head.parameters()}
+    for g in filter(lambda g: g["params"], groups):
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) <= 1  # a group is all head or all encoder
+        assert g["lr_scale"] == (cfg.head_lr / cfg.lr if in_head == {True} else 1.0)
+        assert g["weight_decay"] == (
+            cfg.weight_decay if all(p.dim() >= 2 for p in g["params"]) else 0
+        )
+    # the tied word embeddings learn with the encoder, not at the head's rate
+    word = model.encoder.embeddings.word.weight
+    assert any(word is p and g["lr_scale"] == 1.0 for g in groups for p in g["params"])
+    torch.optim.AdamW(groups, lr=cfg.lr)  # and torch takes empty groups (a head without biases)
