@@ -24,7 +24,6 @@ import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -171,10 +170,6 @@ class Run:
 
 def setup(cfg: TrainConfig, job: Dist) -> Run:
     folder, device = RunFolder(cfg.out), job.device
-    if cfg.init and not Path(cfg.init).is_dir():
-        raise ConfigError(
-            f"--init folder {cfg.init!r} does not exist; pass a local Hugging Face model folder"
-        )
     micro = cfg.micro_batch_size if isinstance(cfg.micro_batch_size, int) else 0
     # its checks, before any work
     mdata.BatchPlan(1, cfg.global_batch_size, job.world, job.rank, micro or None)

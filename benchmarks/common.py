@@ -163,12 +163,12 @@ def cpu_gemm_roofline(dtype: str, rows: int = 1024) -> float:
     """This CPU's measured GEMM rate in FLOP/s for dtype ("fp32" or "bf16"): the faster of the
     vendor BLAS behind F.linear and oneDNN's GEMM, on a layer's products (rows tokens, 768 <-> 3072
     features), best of 5 after a warm-up. What a training step could reach were it matmuls only."""
-    from mlm.kernels.cpu_linear import _op
+    from mlm.kernels import cpu_linear
 
     kind = DTYPES.get(dtype, torch.float32)
-    gemms = [torch.nn.functional.linear]
-    if _op is not None:
-        gemms.append(lambda x, w: _op(x, w, None, "none", [], ""))
+    # cpu_linear.linear is oneDNN's for fp32 (F.linear where this torch has no oneDNN op), and
+    # F.linear already goes to oneDNN in bf16
+    gemms = (torch.nn.functional.linear, cpu_linear.linear)
     best = 0.0
     for features_in, features_out in ((768, 3072), (3072, 768)):
         x = torch.randn(rows, features_in, dtype=kind)

@@ -122,6 +122,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.init and not Path(self.init).is_dir():
+            raise ConfigError(
+                f"--init folder {self.init!r} does not exist; pass a local Hugging Face model "
+                "folder"
+            )
         if self.preset in NEEDS_INIT and not self.init:
             raise ConfigError(
                 f"preset {self.preset!r} continues a pretrained model: pass --init MODEL_DIR"
@@ -395,17 +400,12 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> TrainC
             settings.setdefault("model", {})[name] = value
             given[name] = value
     if settings.get("init"):  # the folder's own model: a preset's shape does not apply
-        if not Path(settings["init"]).is_dir():
-            raise ConfigError(
-                f"--init folder {settings['init']!r} does not exist; pass a local Hugging Face "
-                "model folder"
-            )
-        if given:
-            raise ConfigError(
-                f"model setting(s) {', '.join(sorted(given))} apply to a model from scratch; "
-                "--init "
-                f"{settings['init']} brings its own config.json: drop them, or train from scratch "
-                "with --preset tiny (or another preset without --init)"
-            )
         settings["model"] = {}
-    return TrainConfig(**settings)
+    cfg = TrainConfig(**settings)  # checks --init's folder first
+    if cfg.init and given:
+        raise ConfigError(
+            f"model setting(s) {', '.join(sorted(given))} apply to a model from scratch; --init "
+            f"{cfg.init} brings its own config.json: drop them, or train from scratch with "
+            "--preset tiny (or another preset without --init)"
+        )
+    return cfg
